@@ -1,0 +1,187 @@
+"""What a site and the server exchange: the model state split into the shared **backbone** and the
+rows of the **prior bank**, packed into a few large arrays (Flower-free; both sides import this).
+
+- Backbone: every state tensor except the prior banks, plus the null-task row (the last row) of every
+  ``*.task_prior``, flattened into one float vector in state-dict order.
+- Task row ``t``: row ``t`` of every ``*.task_prior`` concatenated (one vector per task id).
+- Modality row ``r``: row ``r`` of every ``*.modality_prior`` flattened and concatenated.
+
+The layout is computed from the model's state dict, never typed by hand, so Hermes-R and any other
+network with ``task_prior`` / ``modality_prior`` banks split the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Record and array names of the messages (the server and the ClientApp wrap them in Flower records).
+ARRAYS_RECORD = "arrays"      # ArrayRecord: BACKBONE, TASK_ROWS, MODALITY_ROWS
+CONFIG_RECORD = "config"      # ConfigRecord: round config (server -> site), row ids (both ways)
+METRICS_RECORD = "metrics"    # MetricRecord: aggregate numbers only (site -> server)
+SITE_RECORD = "site"          # ConfigRecord: a site's answer to the query message
+BACKBONE, TASK_ROWS, MODALITY_ROWS = "backbone", "task_rows", "modality_rows"
+TASK_ROW_IDS, MODALITY_ROW_IDS = "task_row_ids", "modality_row_ids"
+NUM_EXAMPLES = "num-examples"  # samples trained (train) or cases evaluated (evaluate)
+
+TASK_BANK_SUFFIX = ".task_prior"
+MODALITY_BANK_SUFFIX = ".modality_prior"
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Names and shapes of a model state, and how it splits into backbone and prior rows."""
+
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    task_banks: tuple[str, ...]
+    modality_banks: tuple[str, ...]
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> StateLayout:
+        non_float = [k for k, v in state.items() if not torch.is_floating_point(v)]
+        if non_float:
+            raise ValueError(f"state tensors must be floating point; not: {non_float[:5]}")
+        task = tuple(k for k in state if k.endswith(TASK_BANK_SUFFIX))
+        modality = tuple(k for k in state if k.endswith(MODALITY_BANK_SUFFIX))
+        if not task or not modality:
+            raise ValueError("the state has no prior banks (*.task_prior and *.modality_prior)")
+        rows = {state[k].shape[0] for k in task} | {-1 - state[k].shape[0] for k in modality}
+        if len(rows) != 2:
+            raise ValueError("all task banks (and all modality banks) must have the same number of rows")
+        return cls(tuple((k, tuple(v.shape)) for k, v in state.items()), task, modality)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> StateLayout:
+        return cls.from_state_dict(model.state_dict())
+
+    @property
+    def task_slots(self) -> int:
+        """Task ids 0..task_slots-1; the bank's last row (task_slots) is the null row (in the backbone)."""
+        return dict(self.shapes)[self.task_banks[0]][0] - 1
+
+    @property
+    def modality_slots(self) -> int:
+        return dict(self.shapes)[self.modality_banks[0]][0]
+
+    @property
+    def banks(self) -> frozenset[str]:
+        return frozenset(self.task_banks + self.modality_banks)
+
+    @property
+    def backbone_size(self) -> int:
+        shapes = dict(self.shapes)
+        plain = sum(_numel(s) for k, s in self.shapes if k not in self.banks)
+        return plain + sum(shapes[k][1] for k in self.task_banks)
+
+    @property
+    def task_row_size(self) -> int:
+        return sum(dict(self.shapes)[k][1] for k in self.task_banks)
+
+    @property
+    def modality_row_size(self) -> int:
+        return sum(_numel(dict(self.shapes)[k][1:]) for k in self.modality_banks)
+
+    def check_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError unless ``state`` has exactly this layout's names and shapes."""
+        theirs = [(k, tuple(v.shape)) for k, v in state.items()]
+        if sorted(theirs) != sorted(self.shapes):
+            missing = sorted(set(dict(self.shapes)) - set(state))[:5]
+            extra = sorted(set(state) - set(dict(self.shapes)))[:5]
+            raise ValueError(f"state does not match the layout (missing {missing}, unexpected {extra}, "
+                             "or shapes differ)")
+
+    # -- split -------------------------------------------------------------------------------------
+    def backbone(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone as one float32 vector of ``backbone_size`` elements."""
+        parts = [state[k].detach().float().reshape(-1) for k, _ in self.shapes if k not in self.banks]
+        parts += [state[k].detach().float()[-1] for k in self.task_banks]
+        return torch.cat(parts)
+
+    def task_rows(self, state: Mapping[str, torch.Tensor], ids: Sequence[int]) -> torch.Tensor:
+        """(len(ids), task_row_size) float32: task row ``t`` of every bank, concatenated."""
+        index = self._check_ids(ids, self.task_slots, "task")
+        return torch.cat([state[k].detach().float()[index] for k in self.task_banks], dim=1)
+
+    def modality_rows(self, state: Mapping[str, torch.Tensor], rows: Sequence[int]) -> torch.Tensor:
+        """(len(rows), modality_row_size) float32: modality-bank row ``r`` of every bank, flattened."""
+        index = self._check_ids(rows, self.modality_slots, "modality")
+        return torch.cat([state[k].detach().float()[index].flatten(1) for k in self.modality_banks], dim=1)
+
+    # -- merge -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_backbone(self, state: dict[str, torch.Tensor], vector: torch.Tensor) -> None:
+        """Write a backbone vector into ``state`` in place (dtypes kept)."""
+        _check_length(vector, self.backbone_size, "backbone")
+        offset = 0
+        for key, shape in self.shapes:
+            if key not in self.banks:
+                offset = _assign(state[key], vector, offset, _numel(shape))
+        for key in self.task_banks:
+            offset = _assign(state[key][-1], vector, offset, state[key].shape[1])
+
+    @torch.no_grad()
+    def load_task_rows(self, state: dict[str, torch.Tensor], ids: Sequence[int], rows: torch.Tensor) -> None:
+        index = self._check_ids(ids, self.task_slots, "task")
+        _check_matrix(rows, len(index), self.task_row_size, "task rows")
+        offset = 0
+        for key in self.task_banks:
+            width = state[key].shape[1]
+            state[key][index] = rows[:, offset:offset + width].to(state[key].device, state[key].dtype)
+            offset += width
+
+    @torch.no_grad()
+    def load_modality_rows(self, state: dict[str, torch.Tensor], ids: Sequence[int], rows: torch.Tensor) -> None:
+        index = self._check_ids(ids, self.modality_slots, "modality")
+        _check_matrix(rows, len(index), self.modality_row_size, "modality rows")
+        offset = 0
+        for key in self.modality_banks:
+            shape = state[key].shape[1:]
+            width = _numel(shape)
+            block = rows[:, offset:offset + width].reshape(len(index), *shape)
+            state[key][index] = block.to(state[key].device, state[key].dtype)
+            offset += width
+
+    @staticmethod
+    def _check_ids(ids: Sequence[int], limit: int, kind: str) -> list[int]:
+        index = [int(i) for i in ids]
+        bad = [i for i in index if not 0 <= i < limit]
+        if bad:
+            raise ValueError(f"{kind} row ids out of range [0, {limit}): {bad[:5]}")
+        if len(set(index)) != len(index):
+            raise ValueError(f"{kind} row ids repeat: {index}")
+        return index
+
+
+def to_wire(tensor: torch.Tensor, wire_dtype: str = "float32") -> torch.Tensor:
+    """Cast for sending: lossless float32, or the opt-in 16-bit ``float16`` (averaging stays float32)."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+    out = tensor.detach().to(WIRE_DTYPES[wire_dtype]).cpu().contiguous()
+    if wire_dtype != "float32" and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"values overflow {wire_dtype}; use the lossless float32 wire format")
+    return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _assign(target: torch.Tensor, vector: torch.Tensor, offset: int, size: int) -> int:
+    target.copy_(vector[offset:offset + size].reshape(target.shape))
+    return offset + size
+
+
+def _check_length(vector: torch.Tensor, size: int, what: str) -> None:
+    if vector.ndim != 1 or vector.numel() != size:
+        raise ValueError(f"{what} must be a vector of {size} values, got shape {tuple(vector.shape)}")
+
+
+def _check_matrix(rows: torch.Tensor, count: int, width: int, what: str) -> None:
+    if tuple(rows.shape) != (count, width):
+        raise ValueError(f"{what} must have shape ({count}, {width}), got {tuple(rows.shape)}")

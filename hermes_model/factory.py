@@ -1,0 +1,106 @@
+"""Model factory and checkpoint loading (timm style: build by name; foreign weights through a filter)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hermes_model.hermes_r import HermesR
+
+log = logging.getLogger(__name__)
+
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {"hermes-r": HermesR}
+CHECKPOINT_FORMAT = "hermes-fl/model-v1"
+
+
+def available_models() -> list[str]:
+    return sorted(MODEL_REGISTRY)
+
+
+def build_model(name: str = "hermes-r", **kwargs: Any) -> nn.Module:
+    """Build a registered network by name, e.g. ``build_model("hermes-r", base_channels=32)``."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+    model = MODEL_REGISTRY[name](**kwargs)
+    model.hermes_config = {"name": name, **kwargs}  # type: ignore[attr-defined]
+    return model
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    config: dict[str, Any]
+    source: str  # "hermes-fl" or "published"
+    used_ema: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """A self-describing checkpoint: weights, constructor arguments and any extra (e.g. the catalog)."""
+    config = getattr(model, "hermes_config", None)
+    if config is None:
+        raise ValueError("the model was not made by build_model(); its constructor arguments are unknown")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "model_config": dict(config), "state_dict": state, **extra}
+
+
+def load_checkpoint(
+    path: str | os.PathLike, use_ema: bool = True, map_location: str | torch.device = "cpu"
+) -> LoadedCheckpoint:
+    """Load our checkpoint (see :func:`model_checkpoint`) or the published Hermes-R layout
+    (``{"model_state_dict", "ema_model_state_dict", ...}``), with ``torch.load(weights_only=True)``.
+
+    For the published layout, the EMA weights are used when present and ``use_ema`` (the reference
+    evaluates the EMA model); the architecture is inferred from the tensor shapes.
+    """
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a checkpoint (a dict was expected, got {type(ckpt).__name__})")
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        config = dict(ckpt["model_config"])
+        state = ckpt["state_dict"]
+        source, used_ema = "hermes-fl", False
+        extra = {k: v for k, v in ckpt.items() if k not in ("format", "model_config", "state_dict")}
+    elif "model_state_dict" in ckpt:
+        used_ema = use_ema and "ema_model_state_dict" in ckpt
+        state = _strip_prefix(ckpt["ema_model_state_dict" if used_ema else "model_state_dict"])
+        config = infer_hermes_r_config(state)
+        source, extra = "published", {}
+    else:
+        raise ValueError(
+            f"{path}: unknown checkpoint layout; keys {sorted(ckpt)[:8]} (expected 'format' or 'model_state_dict')"
+        )
+    name = config.pop("name")
+    model = build_model(name, **config)
+    model.load_state_dict(state, strict=True)
+    log.info("loaded %s checkpoint %s (%s, ema=%s)", source, path, name, used_ema)
+    return LoadedCheckpoint(model, {"name": name, **config}, source, used_ema, extra)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved from DDP or torch.compile carry ``module.`` / ``_orig_mod.`` prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def infer_hermes_r_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor arguments of a Hermes-R state dict, read off its tensor shapes."""
+    try:
+        base = state["inc.conv1.weight"].shape[0]
+        task_rows = state["prior_init_fuse_2.task_prior"].shape[0]
+        modality_slots = state["prior_init_fuse_2.modality_prior"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not a Hermes-R state dict: missing {err}") from None
+    return {"name": "hermes-r", "base_channels": base, "task_slots": task_rows - 1,
+            "modality_slots": modality_slots}
