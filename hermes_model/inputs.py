@@ -26,7 +26,9 @@ def check_inputs(
             f"spatial size {tuple(x.shape[2:])} is too small: at least 32 voxels along one axis are needed"
         )
     b = x.shape[0]
-    _check_ids("task_ids", task_ids, b, None, -1, task_slots - 1)
+    # task_slots counts the null token (spec: tn = 72 = 71 tasks + null): task ids are 0..task_slots-2,
+    # the same capacity rule as Catalog.check_capacity.
+    _check_ids("task_ids", task_ids, b, None, -1, task_slots - 2)
     if task_ids.shape[1] == 0:
         raise ValueError("task_ids is empty: give at least one task per sample, shape (B, n) with n >= 1")
     _check_ids("modality_ids", modality_ids, b, 1, -1, modality_slots - 1)

@@ -117,7 +117,7 @@ def test_backward_reaches_only_selected_prior_rows(golden):
         ((1, 2, 32, 32, 32), [[1]], [[0]], "must be (B, 1, D, H, W)"),
         ((1, 1, 32, 24, 32), [[1]], [[0]], "divisible by 16"),
         ((1, 1, 16, 16, 16), [[1]], [[0]], "at least 32 voxels"),
-        ((1, 1, 16, 16, 32), [[72]], [[0]], "task_ids out of range"),
+        ((1, 1, 16, 16, 32), [[71]], [[0]], "task_ids out of range"),
         ((1, 1, 16, 16, 32), [[-2]], [[0]], "task_ids out of range"),
         ((1, 1, 16, 16, 32), [[1]], [[6]], "modality_ids out of range"),
         ((1, 1, 16, 16, 32), [[1]], [0], "modality_ids must be (B=1, 1)"),

@@ -1,0 +1,216 @@
+"""The site's Flower ClientApp: thin handlers translating the messages of the federated Hermes protocol to
+and from the typed :class:`client.site.Site` API.
+
+Where the site config comes from:
+
+- deployment: the SuperNode's node config, ``flower-supernode --node-config 'site-config="/path/site.yaml"'``
+  (``context.node_config["site-config"]``);
+- simulation: virtual clients only get a ``partition-id``; it indexes the run-config key ``site-configs``,
+  a string of site config paths separated by ``,`` (relative paths are relative to the working folder of
+  the process).
+
+Errors: a malformed request raises :class:`client.site.ProtocolError`, whose text names only keys and values
+of the request and goes back to the server. Any other failure is logged here with its details and
+re-raised as a :class:`SiteError` that names only the exception type, because Flower sends the text of a
+ClientApp's exception to the server and such texts may hold file paths or case ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import ProtocolError, RoundRequest, Site, TrainReply
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    MODALITY_ROW_IDS,
+    MODALITY_ROWS,
+    SITE_RECORD,
+    TASK_ROW_IDS,
+    TASK_ROWS,
+)
+
+__all__ = ["SITE_CONFIG_KEY", "SITE_CONFIGS_KEY", "SiteError", "app", "load_site", "parse_request",
+           "site_config_path"]
+
+logger = logging.getLogger(__name__)
+
+SITE_CONFIG_KEY = "site-config"    # node config (SuperNode --node-config)
+SITE_CONFIGS_KEY = "site-configs"  # run config (simulation): paths separated by ","
+PARTITION_KEY = "partition-id"     # node config of a simulated client
+NAME_KEY, DATASETS_KEY = "name", "datasets"  # the query reply's ConfigRecord entries
+ARRAY_NAMES = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
+
+app = ClientApp()
+
+
+class SiteError(RuntimeError):
+    """A site failed; the details are in the site's log, not in the message (they may identify data)."""
+
+
+# ------------------------------------------------------------------------------------------------ the site
+def site_config_path(context: Context) -> Path:
+    """The site config of this node: node config ``site-config``, else run config ``site-configs`` indexed
+    by the node's ``partition-id`` (simulation)."""
+    node = context.node_config
+    if SITE_CONFIG_KEY in node:
+        return Path(str(node[SITE_CONFIG_KEY]))
+    if PARTITION_KEY not in node:
+        raise ValueError(
+            f"no site config: give the SuperNode --node-config '{SITE_CONFIG_KEY}=\"site.yaml\"', or in "
+            f"simulation the run config '{SITE_CONFIGS_KEY}' (paths separated by ',') indexed by "
+            f"'{PARTITION_KEY}'"
+        )
+    paths = [p.strip() for p in str(context.run_config.get(SITE_CONFIGS_KEY, "")).split(",") if p.strip()]
+    partition = node[PARTITION_KEY]
+    if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < len(paths):
+        raise ValueError(
+            f"{PARTITION_KEY} = {partition!r} does not index the {len(paths)} paths of run config "
+            f"'{SITE_CONFIGS_KEY}'"
+        )
+    return Path(paths[partition])
+
+
+_SITES: dict[tuple[Path, int], Site] = {}
+
+
+def load_site(context: Context) -> Site:
+    """The :class:`Site` of this node, cached per process while its config file is unchanged."""
+    path = site_config_path(context).resolve()
+    key = (path, path.stat().st_mtime_ns if path.is_file() else -1)
+    if key not in _SITES:
+        _SITES[key] = Site.from_path(path)
+    return _SITES[key]
+
+
+def _private_errors(kind: str) -> Callable:
+    """Let :class:`ProtocolError` through; log any other exception here and raise one without its text."""
+
+    def decorate(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except ProtocolError:
+                logger.exception("%s: the server's request is malformed", kind)
+                raise
+            except Exception as exc:
+                logger.exception("%s failed", kind)
+                raise SiteError(f"{kind} failed at the site ({type(exc).__name__}); the details stay in the "
+                                "site's log") from None
+
+        return run
+
+    return decorate
+
+
+# ------------------------------------------------------------------------------------------------ records
+def _record(msg: Message, name: str, kind: type) -> Any:
+    if name not in msg.content or not isinstance(msg.content[name], kind):
+        raise ProtocolError(
+            f"the message has no {kind.__name__} named {name!r}; it has {sorted(msg.content)}"
+        )
+    return msg.content[name]
+
+
+def _json(config: ConfigRecord, key: str, default: Any = None) -> Any:
+    if key not in config:
+        if default is None:
+            raise ProtocolError(f"config key {key!r} is missing")
+        return default
+    try:
+        return json.loads(config[key])
+    except (TypeError, ValueError):
+        raise ProtocolError(f"config key {key!r} must be a JSON string, got {config[key]!r}") from None
+
+
+def _value(config: ConfigRecord, key: str, default: Any = None) -> Any:
+    if key not in config:
+        if default is None:
+            raise ProtocolError(f"config key {key!r} is missing")
+        return default
+    return config[key]
+
+
+def _tensor(arrays: ArrayRecord, name: str) -> torch.Tensor:
+    if name not in arrays:
+        raise ProtocolError(f"array {name!r} is missing from {ARRAYS_RECORD!r}; it has {sorted(arrays)}")
+    array = arrays[name].numpy()
+    if array.dtype not in (np.float32, np.float16):
+        raise ProtocolError(f"array {name!r} must be float32 or float16, got {array.dtype}")
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def parse_request(msg: Message, train: bool) -> RoundRequest:
+    """The typed request of a train (``train=True``) or evaluate message."""
+    arrays = _record(msg, ARRAYS_RECORD, ArrayRecord)
+    config = _record(msg, CONFIG_RECORD, ConfigRecord)
+    server_round = _value(config, "server-round")
+    iterations = _value(config, "local-iterations") if train else _value(config, "local-iterations", 1)
+    schedule = _value(config, "schedule-iteration", 0 if not train else None)
+    return RoundRequest(
+        server_round=server_round,
+        backbone=_tensor(arrays, BACKBONE),
+        task_rows=_tensor(arrays, TASK_ROWS),
+        modality_rows=_tensor(arrays, MODALITY_ROWS),
+        task_row_ids=_value(config, TASK_ROW_IDS),
+        modality_row_ids=_value(config, MODALITY_ROW_IDS),
+        model=_json(config, "model"),
+        task_map=_json(config, "task-map"),
+        engine=_json(config, "engine", {}),
+        local_iterations=iterations,
+        schedule_iteration=schedule,
+        seed=_value(config, "seed", 0),
+        wire_dtype=_value(config, "wire-dtype", "float32"),
+        proximal_mu=_value(config, "proximal-mu", 0.0),
+    )
+
+
+def _train_content(reply: TrainReply) -> RecordDict:
+    arrays = {BACKBONE: reply.backbone, TASK_ROWS: reply.task_rows, MODALITY_ROWS: reply.modality_rows}
+    return RecordDict({
+        ARRAYS_RECORD: ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()}),
+        CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(reply.task_row_ids),
+                                     MODALITY_ROW_IDS: list(reply.modality_row_ids)}),
+        METRICS_RECORD: MetricRecord(dict(reply.metrics)),
+    })
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+@app.query()
+@_private_errors("query")
+def query(msg: Message, context: Context) -> Message:
+    """Reply with the site's name (from its config) and datasets: name, modality, classes, number of
+    training cases."""
+    site = load_site(context)
+    datasets = json.dumps([d.to_dict() for d in site.describe()])
+    content = RecordDict({SITE_RECORD: ConfigRecord({NAME_KEY: site.name, DATASETS_KEY: datasets})})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+@_private_errors("train")
+def train(msg: Message, context: Context) -> Message:
+    """Train the received backbone and rows; reply with them and the training metrics."""
+    reply = load_site(context).train(parse_request(msg, train=True))
+    return Message(_train_content(reply), reply_to=msg)
+
+
+@app.evaluate()
+@_private_errors("evaluate")
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received weights on the site's validation split; reply with aggregate metrics."""
+    metrics = load_site(context).evaluate(parse_request(msg, train=False))
+    return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,464 @@
+"""A federated site, free of Flower: its config, its preprocessed data, local training and evaluation.
+
+The ClientApp (:mod:`client.app`) only translates Flower records to and from the typed objects here:
+
+- :meth:`Site.describe` answers the server's query (dataset names, modality, classes, case counts);
+- :meth:`Site.train` loads the received backbone and prior rows over the site's own saved state, trains
+  ``local_iterations`` steps with the training engine (one device or DDP, :mod:`client.local_training`),
+  saves the engine (weights, optimiser moments, EMA) to the site's disk and returns the backbone, the
+  received prior rows and aggregate metrics;
+- :meth:`Site.evaluate` computes the sliding-window Dice per task of the received weights on the site's
+  validation split and returns aggregate numbers only.
+
+What stays on the site's disk, under ``<work_dir>/client_state/``:
+
+- ``engine.pt``: the full engine state after the last training round (model, EMA, optimiser moments,
+  schedule position, FedProx reference), written atomically; loaded before the received tensors are
+  applied, so the rows the server does not send keep the site's own values;
+- ``history.jsonl``: one line per round with the site's local metrics (for the site's operator).
+
+Nothing returned by this class names a case, a file or a path: only dataset and class names and numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.config import DatasetConfig, SiteConfig, load_site_config
+from client.dataset import PreprocessedDataset, ValidationCases
+from client.local_training import LocalResult, TrainData, resolve_devices, train_local
+from hermes_model import build_model
+from hermes_model.catalog import Catalog
+from hermes_model.engine import EngineConfig, TrainEngine
+from hermes_model.exchange import NUM_EXAMPLES, WIRE_DTYPES, StateLayout, to_wire
+from hermes_model.inference import predict_volume, threshold
+from hermes_model.metrics import dice_per_task
+
+__all__ = ["DatasetSummary", "ProtocolError", "RoundRequest", "Site", "TrainReply"]
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "client_state"
+ENGINE_FILE = "engine.pt"
+HISTORY_FILE = "history.jsonl"
+EVAL_OVERLAP = 0.5
+EVAL_THRESHOLD = 0.5
+# optimiser settings taken from the round's config when the saved moments are loaded (counters are kept)
+HYPER_PARAMETERS = ("lr", "weight_decay", "betas", "eps", "momentum")
+# EngineConfig keys the server may set; the site fixes precision and memory layout for its hardware
+SERVER_ENGINE_KEYS = frozenset(
+    {"optimizer", "lr", "weight_decay", "betas", "eps", "momentum", "warmup_epochs", "total_epochs",
+     "iters_per_epoch", "grad_clip", "ema_decay"}
+)
+
+
+class ProtocolError(ValueError):
+    """A request from the server is malformed. The message only names keys and values of the request, so it
+    may be sent back to the server (other exceptions are reported without their text: they may hold paths)."""
+
+
+# ------------------------------------------------------------------------------------------------ requests
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a site tells the server about one dataset: no case ids, file names or paths."""
+
+    name: str
+    modality: str
+    classes: dict[int, str]
+    num_train_cases: int
+
+    def to_dict(self) -> dict[str, Any]:
+        classes = {str(k): v for k, v in sorted(self.classes.items())}
+        return {"name": self.name, "modality": self.modality, "classes": classes,
+                "num_train_cases": self.num_train_cases}
+
+
+def _int(value: Any, key: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ProtocolError(f"{key} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _ids(values: Sequence[int], key: str) -> tuple[int, ...]:
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise ProtocolError(f"{key} must be a list of ints, got {values!r}")
+    return tuple(_int(v, key) for v in values)
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """A train or evaluate request: the global tensors for this site and the round's config.
+
+    Attributes:
+        server_round: round number (>= 1).
+        backbone: (backbone_size,) float tensor.
+        task_rows: (len(task_row_ids), task_row_size) float tensor.
+        modality_rows: (len(modality_row_ids), modality_row_size) float tensor.
+        task_row_ids / modality_row_ids: the prior-bank rows sent (those the site owns), in order.
+        model: ``{"name": ..., **build_model kwargs}``.
+        task_map: ``"<dataset>/<class>"`` -> global task id, at least for the site's datasets.
+        engine: EngineConfig fields the server fixes.
+        local_iterations: optimiser steps to train.
+        schedule_iteration: global learning-rate schedule position at the start of the round.
+        seed: the federation's seed (the round's patches are drawn with ``seed + server_round``).
+        wire_dtype: ``"float32"`` or ``"float16"`` for the reply's arrays.
+        proximal_mu: FedProx coefficient (0 = plain FedAvg).
+    """
+
+    server_round: int
+    backbone: torch.Tensor
+    task_rows: torch.Tensor
+    modality_rows: torch.Tensor
+    task_row_ids: tuple[int, ...]
+    modality_row_ids: tuple[int, ...]
+    model: dict[str, Any]
+    task_map: dict[str, int]
+    engine: dict[str, Any] = field(default_factory=dict)
+    local_iterations: int = 1
+    schedule_iteration: int = 0
+    seed: int = 0
+    wire_dtype: str = "float32"
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _int(self.server_round, "server-round", 1)
+        _int(self.local_iterations, "local-iterations", 1)
+        _int(self.schedule_iteration, "schedule-iteration")
+        _int(self.seed, "seed")
+        object.__setattr__(self, "task_row_ids", _ids(self.task_row_ids, "task_row_ids"))
+        object.__setattr__(self, "modality_row_ids", _ids(self.modality_row_ids, "modality_row_ids"))
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ProtocolError(f"wire-dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        mu = self.proximal_mu
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
+            raise ProtocolError(f"proximal-mu must be a finite number >= 0, got {mu!r}")
+        if not isinstance(self.model, Mapping) or not isinstance(self.model.get("name"), str):
+            raise ProtocolError(f"model must be a mapping with a 'name', got {self.model!r}")
+        if not isinstance(self.task_map, Mapping) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, int)
+            for k, v in self.task_map.items()
+        ):
+            raise ProtocolError("task-map must map '<dataset>/<class>' strings to int task ids")
+        unknown = sorted(set(self.engine) - SERVER_ENGINE_KEYS)
+        if unknown:
+            raise ProtocolError(
+                f"engine has keys {unknown} the server may not set; allowed: {sorted(SERVER_ENGINE_KEYS)}"
+            )
+
+
+@dataclass
+class TrainReply:
+    """What a site returns after training: tensors in the wire dtype, the row ids (as received), metrics."""
+
+    backbone: torch.Tensor
+    task_rows: torch.Tensor
+    modality_rows: torch.Tensor
+    task_row_ids: tuple[int, ...]
+    modality_row_ids: tuple[int, ...]
+    metrics: dict[str, float]
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    return sorted((k, tuple(v.shape)) for k, v in state.items())
+
+
+# ------------------------------------------------------------------------------------------------ the site
+class Site:
+    """One site: config, preprocessed data, local training and evaluation (no Flower here).
+
+    Args:
+        config: the validated site config.
+        catalog: the task catalog the config was validated against (default: the bundled one); it supplies
+            the classes of catalog datasets whose config leaves them out.
+        world_size: train with this many CPU processes (DDP, gloo) instead of ``training.devices``
+            (for machines without GPUs, e.g. tests).
+        log_every: log training progress every this many iterations (default: ten times per round).
+        preprocess_workers: worker processes when preprocessing runs on first use.
+    """
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        catalog: Catalog | None = None,
+        *,
+        world_size: int | None = None,
+        log_every: int | None = None,
+        preprocess_workers: int = 1,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog if catalog is not None else Catalog.load()
+        self.devices = resolve_devices(config.training.devices, world_size)
+        self.log_every = log_every
+        self.preprocess_workers = preprocess_workers
+
+    @classmethod
+    def from_path(cls, path: str | Path, catalog: Catalog | None = None, **kwargs: Any) -> Site:
+        """Load and validate the site config at ``path`` (see :func:`client.config.load_site_config`)."""
+        catalog = catalog if catalog is not None else Catalog.load()
+        return cls(load_site_config(path, catalog=catalog), catalog, **kwargs)
+
+    # -- places ------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.site
+
+    @property
+    def state_dir(self) -> Path:
+        """``<work_dir>/client_state``: the site's own training state."""
+        return self.config.work_dir / STATE_DIR
+
+    @property
+    def engine_path(self) -> Path:
+        return self.state_dir / ENGINE_FILE
+
+    @property
+    def primary_device(self) -> torch.device:
+        return self.devices[0]
+
+    # -- data --------------------------------------------------------------------------------------
+    def _dataset_json(self, ds: DatasetConfig) -> Path:
+        return self.config.preprocessed_dir / ds.name / "dataset.json"
+
+    def ensure_preprocessed(self) -> bool:
+        """Preprocess the site's data when a dataset has no preprocessed output yet; True if it ran."""
+        missing = [ds.name for ds in self.config.datasets if not self._dataset_json(ds).is_file()]
+        if not missing:
+            return False
+        from client.preprocess import preprocess_site  # SimpleITK only when needed
+
+        logger.info("site %s: preprocessing (no preprocessed data for %s)", self.name, missing)
+        report = preprocess_site(
+            self.config, workers=self.preprocess_workers, progress=False, catalog=self.catalog
+        )
+        logger.info("site %s: %s", self.name, report.summary())
+        still = [ds.name for ds in self.config.datasets if not self._dataset_json(ds).is_file()]
+        if still:
+            raise RuntimeError(f"site {self.name}: preprocessing produced no data for {still}")
+        return True
+
+    def _classes(self, ds: DatasetConfig) -> dict[int, str]:
+        return ds.resolved_classes(self.catalog)
+
+    def _num_train_cases(self, ds: DatasetConfig) -> int:
+        path = self._dataset_json(ds)
+        if path.is_file():
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            labelled = meta.get("labelled") or {}
+            return sum(1 for c in meta["splits"]["train"] if labelled.get(c, True))
+        from client.preprocess import compute_splits
+
+        entry = self.catalog.dataset(ds.name) if ds.name in self.catalog else None
+        cases = ds.cases()
+        train = set(compute_splits(cases, ds.split, entry.split if entry else None)["train"])
+        return sum(1 for c in cases if c.case_id in train and c.label is not None)
+
+    def describe(self) -> list[DatasetSummary]:
+        """The query answer: per dataset its name, modality, classes and number of labelled training cases
+        (from the preprocessed data when present, else from the config's split)."""
+        return [
+            DatasetSummary(ds.name, ds.modality, self._classes(ds), self._num_train_cases(ds))
+            for ds in self.config.datasets
+        ]
+
+    def task_ids(self, task_map: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        """Dataset name -> task id per class (ascending label value), looked up in ``task_map``."""
+        out = {}
+        for ds in self.config.datasets:
+            keys = [f"{ds.name}/{name}" for _, name in sorted(self._classes(ds).items())]
+            missing = [k for k in keys if k not in task_map]
+            if missing:
+                raise ProtocolError(f"task-map has no task id for {missing}; it has {sorted(task_map)}")
+            out[ds.name] = tuple(int(task_map[k]) for k in keys)
+        return out
+
+    def open_datasets(self, task_map: Mapping[str, int], split: str) -> list[PreprocessedDataset]:
+        """The site's preprocessed datasets restricted to ``split`` (preprocessing first if needed)."""
+        self.ensure_preprocessed()
+        ids = self.task_ids(task_map)
+        out = []
+        for ds in self.config.datasets:
+            weight, _ = ds.resolved_weights(self.catalog)
+            folder = self.config.preprocessed_dir / ds.name
+            out.append(PreprocessedDataset.open(folder, ids[ds.name], split=split, sample_weight=weight))
+        return out
+
+    # -- model -------------------------------------------------------------------------------------
+    @staticmethod
+    def _model_factory(request: RoundRequest) -> functools.partial:
+        spec = dict(request.model)
+        return functools.partial(build_model, spec.pop("name"), **spec)
+
+    def _build_model(self, request: RoundRequest) -> nn.Module:
+        try:
+            return self._model_factory(request)()
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"model {request.model!r} cannot be built: {exc}") from None
+
+    def _engine_config(self, request: RoundRequest) -> EngineConfig:
+        """The server's engine settings with the site's precision and memory layout for its devices."""
+        training = self.config.training
+        cuda = self.primary_device.type == "cuda"
+        values = {"lr": training.lr, "weight_decay": training.weight_decay, **request.engine}
+        values["precision"] = "bf16" if training.bf16 and cuda and torch.cuda.is_bf16_supported() else "fp32"
+        values["channels_last"] = bool(training.channels_last and cuda)
+        values["proximal_mu"] = float(request.proximal_mu)
+        try:
+            return EngineConfig.from_dict(values)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"engine {request.engine!r} is not a valid engine config: {exc}") from None
+
+    def _restore_local_state(self, engine: TrainEngine) -> bool:
+        """Load ``engine.pt`` into ``engine`` (model, EMA, optimiser moments) when it fits the model.
+
+        The round's hyper-parameters win over the saved ones; the moments are dropped when the optimiser
+        changed. Returns whether a state was loaded.
+        """
+        if not self.engine_path.is_file():
+            return False
+        saved = torch.load(self.engine_path, weights_only=True, map_location=engine.device)
+        if _shapes(saved.get("model", {})) != _shapes(engine.model.state_dict()):
+            logger.warning("site %s: the saved engine state does not fit the model; not used", self.name)
+            return False
+        fresh = engine.optimizer.state_dict()
+        optimizer = saved.get("optimizer", {})
+        groups = optimizer.get("param_groups", [])
+        if saved.get("config", {}).get("optimizer") != engine.config.optimizer or len(groups) != len(
+            fresh["param_groups"]
+        ):
+            logger.warning("site %s: the optimiser changed; its saved moments are dropped", self.name)
+            optimizer = fresh
+        else:
+            hyper = [{k: g[k] for k in HYPER_PARAMETERS if k in g} for g in fresh["param_groups"]]
+            merged = [{**g, **h} for g, h in zip(groups, hyper, strict=True)]
+            optimizer = {**optimizer, "param_groups": merged}
+        engine.load_state_dict({**saved, "optimizer": optimizer, "config": engine.config.to_dict()})
+        return True
+
+    @staticmethod
+    def _apply_received(model: nn.Module, request: RoundRequest) -> StateLayout:
+        """Write the received backbone and prior rows into ``model`` in place."""
+        layout = StateLayout.from_model(model)
+        state = model.state_dict()
+        try:
+            layout.load_backbone(state, request.backbone.float())
+            layout.load_task_rows(state, request.task_row_ids, request.task_rows.float())
+            layout.load_modality_rows(state, request.modality_row_ids, request.modality_rows.float())
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        return layout
+
+    def _engine(self, request: RoundRequest, device: torch.device) -> tuple[TrainEngine, StateLayout, bool]:
+        """The round's engine on ``device``: the site's saved state, overwritten by the received tensors,
+        at the round's schedule position, with the received weights as FedProx reference when mu > 0."""
+        engine = TrainEngine(self._build_model(request), self._engine_config(request), device)
+        resumed = self._restore_local_state(engine)
+        layout = self._apply_received(engine.model, request)
+        engine.iteration = request.schedule_iteration
+        engine.set_proximal_reference(engine.model.state_dict() if request.proximal_mu > 0 else None)
+        return engine, layout, resumed
+
+    # -- train -------------------------------------------------------------------------------------
+    def train(self, request: RoundRequest) -> TrainReply:
+        """Train the received weights for ``local_iterations`` steps; save the engine; reply."""
+        start = time.perf_counter()
+        datasets = self.open_datasets(request.task_map, "train")
+        multi = len(self.devices) > 1
+        engine, layout, resumed = self._engine(request, torch.device("cpu") if multi else self.primary_device)
+        training = self.config.training
+        data = TrainData(
+            datasets=tuple(datasets),
+            patch_size=tuple(reversed(training.patch_size)),  # config (x, y, z) -> arrays (D, H, W)
+            batch_size=training.batch_size,
+            seed=request.seed + request.server_round + training.seed,
+            num_workers=training.num_workers,
+            foreground_prob=training.foreground_oversample,
+        )
+        logger.info(
+            "site %s: round %d, %d iterations from schedule position %d on %s (%s local state)",
+            self.name, request.server_round, request.local_iterations, request.schedule_iteration,
+            [str(d) for d in self.devices], "with" if resumed else "no",
+        )
+        result = train_local(
+            engine, self._model_factory(request), data, request.local_iterations, self.devices,
+            scratch_dir=self.state_dir, log_every=self.log_every,
+        )
+        engine.save(self.engine_path)
+        state = engine.model.state_dict()
+        metrics = {NUM_EXAMPLES: result.samples, **result.metrics(),
+                   "train-time-s": time.perf_counter() - start}
+        self._log_round("train", request.server_round, metrics, result)
+        return TrainReply(
+            backbone=to_wire(layout.backbone(state), request.wire_dtype),
+            task_rows=to_wire(layout.task_rows(state, request.task_row_ids), request.wire_dtype),
+            modality_rows=to_wire(layout.modality_rows(state, request.modality_row_ids), request.wire_dtype),
+            task_row_ids=request.task_row_ids,
+            modality_row_ids=request.modality_row_ids,
+            metrics=metrics,
+        )
+
+    # -- evaluate ----------------------------------------------------------------------------------
+    def evaluate(self, request: RoundRequest) -> dict[str, float]:
+        """Sliding-window Dice per task of the received weights on the validation split.
+
+        Returns:
+            ``num-examples`` (validation cases), ``dice/<dataset>/<class>`` (mean over the cases where the
+            class is present; tasks never present are left out), ``dice-mean`` (mean of those; left out
+            when there is none) and ``eval-time-s``.
+        """
+        start = time.perf_counter()
+        cases = ValidationCases(self.open_datasets(request.task_map, "val"))
+        # the site's tasks and modalities are exactly the rows received: no local state is needed
+        model = self._build_model(request)
+        self._apply_received(model, request)
+        model = model.to(self.primary_device).eval()
+        scores = self._dice_scores(model, cases, self._engine_config(request).precision)
+        per_task = {f"dice/{key}": float(np.mean(v)) for key, v in scores.items() if v}
+        metrics: dict[str, float] = {NUM_EXAMPLES: len(cases), **per_task}
+        if per_task:
+            metrics["dice-mean"] = float(np.mean(list(per_task.values())))
+        metrics["eval-time-s"] = time.perf_counter() - start
+        self._log_round("evaluate", request.server_round, metrics)
+        return metrics
+
+    def _dice_scores(
+        self, model: nn.Module, cases: ValidationCases, precision: str
+    ) -> dict[str, list[float]]:
+        """``"<dataset>/<class>"`` -> Dice of every validation case where the class is present."""
+        names = {d.name: d.class_names for d in cases.datasets}
+        scores: dict[str, list[float]] = {f"{d}/{c}": [] for d, classes in names.items() for c in classes}
+        roi = tuple(reversed(self.config.training.patch_size))
+        for i, case in enumerate(cases):
+            probs = predict_volume(
+                model, case.image, case.task_ids.tolist(), case.modality_id, roi_size=roi,
+                overlap=EVAL_OVERLAP, precision=precision,
+            )
+            dice = dice_per_task(threshold(probs, EVAL_THRESHOLD), case.masks())
+            for class_name, value in zip(names[case.dataset], dice, strict=True):
+                if np.isfinite(value):
+                    scores[f"{case.dataset}/{class_name}"].append(float(value))
+            logger.info("site %s: evaluated validation case %d/%d", self.name, i + 1, len(cases))
+        return scores
+
+    # -- local history -----------------------------------------------------------------------------
+    def _log_round(self, kind: str, server_round: int, metrics: Mapping[str, float],
+                   result: LocalResult | None = None) -> None:
+        line = {"kind": kind, "round": server_round, "time": time.time(), **metrics}
+        if result is not None:
+            line["world_size"] = result.world_size
+        logger.info("site %s: %s round %d: %s", self.name, kind, server_round,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / HISTORY_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")

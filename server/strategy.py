@@ -1,0 +1,453 @@
+"""The prior-bank-aware strategy (a Flower ``Strategy``): each sampled site gets the backbone and only
+the prior rows it owns; the backbone is averaged over every valid reply, each prior row over the
+replying sites that own it, and rows whose owners did not reply keep their value.
+
+The global ``ArrayRecord`` this strategy works on has three float32 arrays (``server.state``):
+``backbone`` (backbone_size,), ``task_rows`` (task_slots, task_row_size) and ``modality_rows``
+(modality_slots, modality_row_size). Averaging is float32 whatever the wire dtype. Options: FedAvg,
+FedProx (sites add the proximal term; the server only sends ``proximal-mu``), and server-side FedAdam
+on the pseudo-gradient of the full state (its moments are part of :meth:`HermesStrategy.state_dict`).
+
+Everything a round does is a function of (seed, round, state): node sampling and the per-site seeds
+are derived from the seed and the round, replies are aggregated in site-name order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    CONFIG_RECORD,
+    MODALITY_ROW_IDS,
+    MODALITY_ROWS,
+    NUM_EXAMPLES,
+    TASK_ROW_IDS,
+    TASK_ROWS,
+    StateLayout,
+    to_wire,
+)
+from server.bank import MODALITY, TASK, PriorBank
+from server.state import GlobalState
+from server.validation import ReplyRejected, Sent, TrainUpdate, parse_evaluate_reply, parse_train_reply
+
+logger = logging.getLogger(__name__)
+
+STRATEGY_KINDS = ("fedavg", "fedprox", "fedadam")
+WEIGHTINGS = ("samples", "uniform")
+
+
+def derive_seed(seed: int, server_round: int, name: str) -> int:
+    """A seed in [0, 2**31) that depends only on (seed, round, name): stable across processes."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(server_round)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**31)
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Settings of :class:`HermesStrategy` (see ``server.config.ServerConfig`` for their meaning).
+
+    ``model_json`` and ``engine_json`` are sent to the sites verbatim (protocol keys ``model``/``engine``).
+    """
+
+    kind: str = "fedavg"
+    weighting: str = "samples"
+    proximal_mu: float = 0.0
+    wire_dtype: str = "float32"
+    server_lr: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    min_replies: int = 1
+    sites_per_round: int = 0
+    local_iterations: int = 1
+    seed: int = 0
+    ttl_s: float | None = None
+    model_json: str = "{}"
+    engine_json: str = "{}"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRATEGY_KINDS:
+            raise ValueError(f"strategy must be one of {list(STRATEGY_KINDS)}, got {self.kind!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.wire_dtype not in ("float32", "float16"):
+            raise ValueError(f"wire-dtype must be one of ['float32', 'float16'], got {self.wire_dtype!r}")
+        if self.kind == "fedprox" and not self.proximal_mu > 0:
+            raise ValueError(f"strategy 'fedprox' needs proximal-mu > 0, got {self.proximal_mu!r}")
+        if self.min_replies < 1 or self.local_iterations < 1 or self.sites_per_round < 0:
+            raise ValueError(
+                f"need min_replies >= 1, local_iterations >= 1, sites_per_round >= 0; got "
+                f"{self.min_replies}, "
+                f"{self.local_iterations}, {self.sites_per_round}"
+            )
+
+
+class HermesStrategy(Strategy):
+    """Prior-bank-aware FedAvg / FedProx / FedAdam.
+
+    Args:
+        layout: the model's state layout (backbone vs prior rows).
+        bank: the global prior bank (ownership; updated by :meth:`aggregate_train`).
+        options: see :class:`StrategyOptions`.
+
+    Attributes:
+        nodes: connected node id -> site name (filled by the runner from the query replies).
+        round_lines: per-site and aggregate metric lines of the last ``aggregate_*`` call.
+    """
+
+    def __init__(self, layout: StateLayout, bank: PriorBank, options: StrategyOptions | None = None) -> None:
+        self.layout, self.bank = layout, bank
+        self.options = options or StrategyOptions()
+        self.nodes: dict[int, str] = {}
+        self.round_lines: list[dict[str, Any]] = []
+        self.moments: dict[str, torch.Tensor] | None = None
+        self.adam_steps = 0
+        self._current: GlobalState | None = None
+        self._sent: dict[int, Sent] = {}
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def available_sites(self, grid: Grid) -> list[tuple[str, int]]:
+        """(site, node id) of the connected, registered sites, sorted by site name."""
+        connected = set(grid.get_node_ids())
+        return sorted((s, n) for n, s in self.nodes.items() if n in connected and s in self.bank.sites)
+
+    def sample_sites(self, server_round: int, grid: Grid) -> list[tuple[str, int]]:
+        """The sites of this round's training: all, or ``sites_per_round`` drawn with a round seed."""
+        candidates = self.available_sites(grid)
+        k = self.options.sites_per_round
+        if k and k < len(candidates):
+            rng = random.Random(derive_seed(self.options.seed, server_round, "sample-train"))
+            candidates = sorted(rng.sample(candidates, k))
+        return candidates
+
+    # -- train -------------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One ``train`` message per sampled site: backbone + its own rows + the round config."""
+        self._current = GlobalState.from_record(arrays, self.layout)
+        sites = self.sample_sites(server_round, grid)
+        logger.info("round %d: training on %d site(s): %s", server_round, len(sites), [s for s, _ in sites])
+        return self._messages(server_round, arrays, config, sites, MessageType.TRAIN)
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        sites: list[tuple[str, int]],
+        message_type: str,
+    ) -> list[Message]:
+        assert self._current is not None
+        wire = self.options.wire_dtype
+        backbone = arrays[BACKBONE] if wire == "float32" else _array(self._current.backbone, wire)
+        self._sent = {}
+        messages = []
+        for site, node in sites:
+            own = self.bank.ownership(site)
+            self._sent[node] = Sent(node, site, own.task_ids, own.modality_rows)
+            payload = ArrayRecord(
+                {
+                    BACKBONE: backbone,
+                    TASK_ROWS: _array(self._current.task_rows[list(own.task_ids)], wire),
+                    MODALITY_ROWS: _array(self._current.modality_rows[list(own.modality_rows)], wire),
+                }
+            )
+            content = RecordDict(
+                {ARRAYS_RECORD: payload, CONFIG_RECORD: self._site_config(server_round, config, site)}
+            )
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=message_type,
+                    group_id=str(server_round),
+                    ttl=self.options.ttl_s,
+                )
+            )
+        return messages
+
+    def _site_config(self, server_round: int, config: ConfigRecord, site: str) -> ConfigRecord:
+        own, opt = self.bank.ownership(site), self.options
+        values = dict(config.items())
+        values.update(
+            {
+                "server-round": server_round,
+                TASK_ROW_IDS: list(own.task_ids),
+                MODALITY_ROW_IDS: list(own.modality_rows),
+                "local-iterations": opt.local_iterations,
+                "schedule-iteration": (server_round - 1) * opt.local_iterations,
+                "seed": derive_seed(opt.seed, server_round, site),
+                "wire-dtype": opt.wire_dtype,
+                "proximal-mu": float(opt.proximal_mu if opt.kind == "fedprox" else 0.0),
+                "model": opt.model_json,
+                "engine": opt.engine_json,
+                "task-map": json.dumps(own.task_map, sort_keys=True),
+            }
+        )
+        return ConfigRecord(values)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies, average backbone and owned rows, update the bank.
+
+        Returns ``(None, metrics)`` when fewer than ``min_replies`` replies are valid (model kept).
+        """
+        if self._current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        updates, drops = self._collect_train(server_round, replies)
+        summary: dict[str, Any] = {"sampled-sites": len(self._sent), "valid-replies": len(updates)}
+        summary.update(_drop_counts(drops))
+        if len(updates) < self.options.min_replies:
+            logger.warning(
+                "round %d: %d valid repl(ies), fewer than min-sites-per-round=%d: the model is kept",
+                server_round,
+                len(updates),
+                self.options.min_replies,
+            )
+            summary["skipped"] = 1
+            self.round_lines.append(
+                {"round": server_round, "phase": "train", "scope": "aggregate", **summary}
+            )
+            return None, MetricRecord(summary)
+        target, task_n, mod_n = self._average(updates)
+        new = self._adam(target, task_n > 0, mod_n > 0) if self.options.kind == "fedadam" else target
+        for kind, counts in ((TASK, task_n), (MODALITY, mod_n)):
+            for row in torch.nonzero(counts > 0).flatten().tolist():
+                self.bank.record_update(kind, row, server_round, float(counts[row]))
+        summary.update(_weighted_metrics([(u.num_examples, u.metrics) for u in updates]))
+        summary["skipped"] = 0
+        self.round_lines.append({"round": server_round, "phase": "train", "scope": "aggregate", **summary})
+        self._current = new
+        return new.to_record(), MetricRecord(summary)
+
+    def _collect_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[TrainUpdate], list[str]]:
+        self.round_lines = []
+        updates: dict[str, TrainUpdate] = {}
+        drops: list[str] = []
+        seen: set[int] = set()
+        for msg in replies:
+            src = msg.metadata.src_node_id
+            sent = self._sent.get(src)
+            site = sent.site if sent else f"node-{src}"
+            try:
+                if not msg.has_error() and (sent is None or src in seen):
+                    raise ReplyRejected(
+                        "unexpected-sender", f"node {src} was not sent a message or replied twice"
+                    )
+                update = parse_train_reply(msg, sent or Sent(src, site, (), ()), self.layout)
+            except ReplyRejected as rej:
+                self._drop(server_round, "train", site, rej, drops)
+                continue
+            seen.add(src)
+            updates[site] = update
+            self.round_lines.append(
+                {
+                    "round": server_round,
+                    "phase": "train",
+                    "scope": "site",
+                    "site": site,
+                    "status": "ok",
+                    **update.metrics,
+                }
+            )
+        return [updates[s] for s in sorted(updates)], drops
+
+    def _drop(self, server_round: int, phase: str, site: str, rej: ReplyRejected, drops: list[str]) -> None:
+        logger.warning("round %d: dropped the %s reply of site %r (%s)", server_round, phase, site, rej)
+        drops.append(rej.reason)
+        self.round_lines.append(
+            {
+                "round": server_round,
+                "phase": phase,
+                "scope": "site",
+                "site": site,
+                "status": "dropped",
+                "reason": rej.reason,
+                "detail": rej.detail[:300],
+            }
+        )
+
+    def _average(self, updates: list[TrainUpdate]) -> tuple[GlobalState, torch.Tensor, torch.Tensor]:
+        """Weighted means (float32): backbone over all updates, each row over the updates holding it.
+
+        Returns the new state and, per task / modality row, the samples behind its update (0 = kept).
+        """
+        assert self._current is not None
+        new = self._current.clone()
+        weights = [u.num_examples if self.options.weighting == "samples" else 1.0 for u in updates]
+        total = sum(weights)
+        acc = torch.zeros_like(new.backbone)
+        for w, u in zip(weights, updates, strict=True):
+            acc.add_(u.backbone, alpha=w)
+        new.backbone = acc / total
+        task_n = _rows_mean(
+            new.task_rows,
+            [(w, u.num_examples, u.task_ids, u.task_rows) for w, u in zip(weights, updates, strict=True)],
+        )
+        mod_n = _rows_mean(
+            new.modality_rows,
+            [
+                (w, u.num_examples, u.modality_ids, u.modality_rows)
+                for w, u in zip(weights, updates, strict=True)
+            ],
+        )
+        return new, task_n, mod_n
+
+    def _adam(self, target: GlobalState, task_mask: torch.Tensor, mod_mask: torch.Tensor) -> GlobalState:
+        """Server Adam step on the pseudo-gradient ``target - current`` (rows not updated stay put)."""
+        assert self._current is not None
+        o = self.options
+        if self.moments is None:
+            self.moments = {}
+            for name, t in zip((BACKBONE, TASK_ROWS, MODALITY_ROWS), self._current.tensors(), strict=True):
+                self.moments[f"m/{name}"] = torch.zeros_like(t)
+                self.moments[f"v/{name}"] = torch.zeros_like(t)
+        new = self._current.clone()
+        parts = zip(
+            (BACKBONE, TASK_ROWS, MODALITY_ROWS),
+            self._current.tensors(),
+            target.tensors(),
+            new.tensors(),
+            (None, task_mask, mod_mask),
+            strict=True,
+        )
+        for name, cur, tgt, out, mask in parts:
+            sel = slice(None) if mask is None else mask
+            m, v = self.moments[f"m/{name}"], self.moments[f"v/{name}"]
+            delta = tgt[sel] - cur[sel]
+            m[sel] = o.beta1 * m[sel] + (1 - o.beta1) * delta
+            v[sel] = o.beta2 * v[sel] + (1 - o.beta2) * delta * delta
+            out[sel] = cur[sel] + o.server_lr * m[sel] / (v[sel].sqrt() + o.tau)
+        self.adam_steps += 1
+        return new
+
+    # -- evaluate ----------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One ``evaluate`` message per connected site (same payload layout as ``train``)."""
+        self._current = GlobalState.from_record(arrays, self.layout)
+        return self._messages(server_round, arrays, config, self.available_sites(grid), MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted means (by num-examples) of every metric, e.g. ``dice-mean`` and ``dice/<ds>/<class>``
+        (each over the sites that report it); None when no reply is valid."""
+        self.round_lines = []
+        results, drops, seen = {}, [], set()
+        for msg in replies:
+            src = msg.metadata.src_node_id
+            sent = self._sent.get(src)
+            site = sent.site if sent else f"node-{src}"
+            try:
+                if not msg.has_error() and (sent is None or src in seen):
+                    raise ReplyRejected(
+                        "unexpected-sender", f"node {src} was not sent a message or replied twice"
+                    )
+                result = parse_evaluate_reply(msg, site)
+            except ReplyRejected as rej:
+                self._drop(server_round, "evaluate", site, rej, drops)
+                continue
+            seen.add(src)
+            results[site] = result
+            self.round_lines.append(
+                {
+                    "round": server_round,
+                    "phase": "evaluate",
+                    "scope": "site",
+                    "site": site,
+                    "status": "ok",
+                    **result.metrics,
+                }
+            )
+        if not results:
+            logger.warning("round %d: no valid evaluate reply", server_round)
+            return None
+        summary: dict[str, Any] = {"valid-replies": len(results), **_drop_counts(drops)}
+        summary.update(
+            _weighted_metrics([(results[s].num_examples, results[s].metrics) for s in sorted(results)])
+        )
+        self.round_lines.append({"round": server_round, "phase": "evaluate", "scope": "aggregate", **summary})
+        return MetricRecord(summary)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state (FedAdam moments), for the round checkpoint."""
+        moments = None if self.moments is None else {k: v.clone() for k, v in self.moments.items()}
+        return {"kind": self.options.kind, "adam_steps": self.adam_steps, "moments": moments}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.options.kind:
+            raise ValueError(
+                f"strategy state is for {state.get('kind')!r}, this strategy is {self.options.kind!r}"
+            )
+        moments = state.get("moments")
+        self.moments = None if moments is None else {k: v.clone().float() for k, v in moments.items()}
+        self.adam_steps = int(state.get("adam_steps", 0))
+
+    def summary(self) -> None:
+        o = self.options
+        logger.info(
+            "HermesStrategy: %s, weighting=%s, wire=%s, min replies=%d, sites/round=%s, proximal-mu=%s",
+            o.kind,
+            o.weighting,
+            o.wire_dtype,
+            o.min_replies,
+            o.sites_per_round or "all",
+            o.proximal_mu,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _array(tensor: torch.Tensor, wire_dtype: str) -> Array:
+    return Array(to_wire(tensor, wire_dtype).numpy())
+
+
+def _rows_mean(
+    rows: torch.Tensor, parts: list[tuple[float, float, tuple[int, ...], torch.Tensor]]
+) -> torch.Tensor:
+    """Replace, in place, every row of ``rows`` (R, C) that some part holds by the weighted mean of
+    those parts; parts are (weight, samples, row ids, (k, C) values). Returns the samples per row (R,)."""
+    acc = torch.zeros_like(rows)
+    wsum = torch.zeros(rows.shape[0], dtype=torch.float32)
+    nsum = torch.zeros(rows.shape[0], dtype=torch.float64)
+    for weight, samples, ids, values in parts:
+        index = torch.tensor(ids, dtype=torch.long)
+        acc[index] += weight * values
+        wsum[index] += weight
+        nsum[index] += samples
+    hit = wsum > 0
+    rows[hit] = acc[hit] / wsum[hit].unsqueeze(1)
+    return nsum
+
+
+def _weighted_metrics(items: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """num-examples summed; every other metric the num-examples-weighted mean over those reporting it."""
+    out: dict[str, float] = {NUM_EXAMPLES: float(sum(n for n, _ in items))}
+    keys = sorted({k for _, m in items for k in m if k != NUM_EXAMPLES})
+    for key in keys:
+        held = [(n, m[key]) for n, m in items if key in m]
+        out[key] = sum(n * x for n, x in held) / sum(n for n, _ in held)
+    return out
+
+
+def _drop_counts(drops: list[str]) -> dict[str, int]:
+    counts = Counter(drops)
+    return {"dropped-replies": len(drops), **{f"dropped/{r}": c for r, c in sorted(counts.items())}}

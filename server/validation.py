@@ -1,0 +1,187 @@
+"""Validation of the sites' replies (protocol section "Server validation of replies").
+
+A bad reply raises :class:`ReplyRejected` with one of :data:`DROP_REASONS`; the strategy drops it,
+logs the reason and counts it in the round's metrics. Nothing here raises anything else for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    MODALITY_ROW_IDS,
+    MODALITY_ROWS,
+    NUM_EXAMPLES,
+    TASK_ROW_IDS,
+    TASK_ROWS,
+    StateLayout,
+)
+
+WIRE_NUMPY_DTYPES = ("float32", "float16")
+DROP_REASONS = (
+    "error-reply",  # msg.has_error() (e.g. the node died: NODE_UNAVAILABLE)
+    "unexpected-sender",  # a node that was not sent this round's message, or a second reply
+    "bad-records",  # unexpected or missing record names / record types
+    "bad-arrays",  # unexpected or missing array names
+    "bad-row-ids",  # row ids differ from what the site owns (what it was sent)
+    "bad-dtype",  # not float32 / float16
+    "bad-shape",  # backbone size or (len(ids), row size) wrong
+    "non-finite",  # NaN or inf
+    "bad-num-examples",  # missing, not a number, or <= 0
+    "bad-metrics",  # a metric that is not a finite number
+    "malformed",  # arrays that do not decode
+)
+TRAIN_RECORDS = frozenset({ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD})
+TRAIN_ARRAYS = frozenset({BACKBONE, TASK_ROWS, MODALITY_ROWS})
+
+
+class ReplyRejected(Exception):
+    """A reply that must be dropped; ``reason`` is one of :data:`DROP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in DROP_REASONS:
+            raise ValueError(f"reason must be one of {DROP_REASONS}, got {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What the server sent one node this round (the reply must echo these row ids)."""
+
+    node_id: int
+    site: str
+    task_ids: tuple[int, ...]
+    modality_rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrainUpdate:
+    """A valid train reply, arrays converted to float32.
+
+    Attributes:
+        backbone: (backbone_size,); task_rows: (len(task_ids), task_row_size);
+        modality_rows: (len(modality_ids), modality_row_size).
+    """
+
+    site: str
+    num_examples: float
+    backbone: torch.Tensor
+    task_ids: tuple[int, ...]
+    task_rows: torch.Tensor
+    modality_ids: tuple[int, ...]
+    modality_rows: torch.Tensor
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    site: str
+    num_examples: float
+    metrics: dict[str, float]
+
+
+def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpdate:
+    """Check a train reply against what ``sent`` received; raise :class:`ReplyRejected` if bad."""
+    if msg.has_error():
+        raise ReplyRejected("error-reply", f"code {msg.error.code}: {msg.error.reason}")
+    content = msg.content
+    _check_names("bad-records", "records", set(content.keys()), TRAIN_RECORDS)
+    arrays, config = content[ARRAYS_RECORD], content[CONFIG_RECORD]
+    metrics = _metrics(content[METRICS_RECORD])
+    num_examples = _num_examples(metrics)
+    if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
+        raise ReplyRejected("bad-records", "records 'arrays'/'config' have the wrong record type")
+    _check_names("bad-arrays", "arrays", set(arrays.keys()), TRAIN_ARRAYS)
+    task_ids = _echoed_ids(config, TASK_ROW_IDS, sent.task_ids)
+    modality_ids = _echoed_ids(config, MODALITY_ROW_IDS, sent.modality_rows)
+    shapes = {
+        BACKBONE: (layout.backbone_size,),
+        TASK_ROWS: (len(task_ids), layout.task_row_size),
+        MODALITY_ROWS: (len(modality_ids), layout.modality_row_size),
+    }
+    tensors = {name: _decode(arrays, name, shape) for name, shape in shapes.items()}
+    return TrainUpdate(
+        sent.site,
+        num_examples,
+        tensors[BACKBONE],
+        task_ids,
+        tensors[TASK_ROWS],
+        modality_ids,
+        tensors[MODALITY_ROWS],
+        metrics,
+    )
+
+
+def parse_evaluate_reply(msg: Message, site: str) -> EvalResult:
+    """Check an evaluate reply (a ``metrics`` record with a positive ``num-examples``)."""
+    if msg.has_error():
+        raise ReplyRejected("error-reply", f"code {msg.error.code}: {msg.error.reason}")
+    content = msg.content
+    if METRICS_RECORD not in content:
+        raise ReplyRejected("bad-records", f"missing record {METRICS_RECORD!r}; got {sorted(content.keys())}")
+    metrics = _metrics(content[METRICS_RECORD])
+    return EvalResult(site, _num_examples(metrics), metrics)
+
+
+def _check_names(reason: str, what: str, got: set[str], expected: frozenset[str]) -> None:
+    if got != expected:
+        raise ReplyRejected(
+            reason, f"{what}: missing {sorted(expected - got)}, unexpected {sorted(got - expected)}"
+        )
+
+
+def _metrics(record: object) -> dict[str, float]:
+    if not isinstance(record, MetricRecord):
+        raise ReplyRejected("bad-records", f"record {METRICS_RECORD!r} must be a MetricRecord")
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, list | bool) or not math.isfinite(float(value)):
+            raise ReplyRejected("bad-metrics", f"metric {key!r} must be a finite number, got {value!r}")
+        out[key] = float(value)
+    return out
+
+
+def _num_examples(metrics: Mapping[str, float]) -> float:
+    value = metrics.get(NUM_EXAMPLES)
+    if value is None or not value > 0:
+        raise ReplyRejected("bad-num-examples", f"{NUM_EXAMPLES!r} must be > 0, got {value!r}")
+    return value
+
+
+def _echoed_ids(config: ConfigRecord, key: str, expected: tuple[int, ...]) -> tuple[int, ...]:
+    got = config.get(key)
+    ok = isinstance(got, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in got)
+    if not ok or tuple(got) != tuple(expected):
+        raise ReplyRejected("bad-row-ids", f"{key} must be the owned rows {list(expected)}, got {got!r}")
+    return tuple(expected)
+
+
+def _decode(arrays: ArrayRecord, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    array = arrays[name]
+    if str(array.dtype) not in WIRE_NUMPY_DTYPES:
+        raise ReplyRejected("bad-dtype", f"{name}: dtype {array.dtype!r}, allowed {list(WIRE_NUMPY_DTYPES)}")
+    if tuple(array.shape) != shape:
+        raise ReplyRejected("bad-shape", f"{name}: shape {tuple(array.shape)}, expected {shape}")
+    try:
+        value = array.numpy()
+    except Exception as exc:  # any decoding failure of untrusted bytes is a bad reply
+        raise ReplyRejected("malformed", f"{name}: cannot decode ({exc})") from None
+    if str(value.dtype) not in WIRE_NUMPY_DTYPES or tuple(value.shape) != shape:
+        raise ReplyRejected(
+            "malformed", f"{name}: data ({value.dtype}, {value.shape}) disagrees with its header"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    if not bool(torch.isfinite(tensor).all()):
+        raise ReplyRejected("non-finite", f"{name}: contains NaN or inf")
+    return tensor

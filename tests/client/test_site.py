@@ -1,0 +1,174 @@
+"""Tests of the Flower-free site (client/site.py) on a tiny real site: three sarcoma CT cases copied from
+``shared/data/ibsi_sts`` beside the repository (skipped when absent), Hermes-R at base 8, 32^3 patches."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from client.site import ProtocolError, RoundRequest, Site
+from hermes_model import build_model
+from hermes_model.exchange import StateLayout
+
+IBSI_STS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ibsi_sts"
+CASES = ("STS_002", "STS_003", "STS_006")
+VAL_CASE = "STS_003"
+DATASET, CLASS_KEY = "sts_ct", "sts_ct/tumour"
+TASK_ID = 5
+MODEL = {"name": "hermes-r", "base_channels": 8, "task_slots": 8, "modality_slots": 6}
+ENGINE = {"optimizer": "lamb", "lr": 2e-3, "warmup_epochs": 0, "total_epochs": 10, "iters_per_epoch": 2}
+ITERATIONS, BATCH = 2, 2
+
+
+def write_site(root: Path, **training: Any) -> Path:
+    """A site in ``root`` with copies of three sarcoma CT cases (one for validation); its yaml's path."""
+    if not IBSI_STS.is_dir():
+        pytest.skip(f"sarcoma data not found at {IBSI_STS} (the 'shared' folder beside the repo)")
+    lines = ["case,image,label"]
+    for case in CASES:
+        folder = root / "raw" / case
+        folder.mkdir(parents=True)
+        for name in ("CT_image.nii.gz", "CT_mask.nii.gz"):
+            shutil.copy(IBSI_STS / case / name, folder / name)
+        lines.append(f"{case},raw/{case}/CT_image.nii.gz,raw/{case}/CT_mask.nii.gz")
+    (root / "cases.csv").write_text("\n".join(lines) + "\n")
+    body = {
+        "site": "sarcoma-test", "work_dir": "work", "target_spacing": 4.0, "margin": 2, "min_size": 32,
+        "datasets": [{"name": DATASET, "modality": "CT", "format": "csv", "source": "cases.csv",
+                      "classes": {1: "tumour"}, "split": {"val": [VAL_CASE], "test": []}}],
+        "training": {"devices": "cpu", "batch_size": BATCH, "patch_size": 32, "local_iterations": ITERATIONS,
+                     "num_workers": 0, "bf16": False, **training},
+    }
+    path = root / "site.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def global_weights(seed: int = 0) -> tuple[StateLayout, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = build_model(MODEL["name"], **{k: v for k, v in MODEL.items() if k != "name"})
+    return StateLayout.from_model(model), model.state_dict()
+
+
+def make_request(server_round: int = 1, seed: int = 0, **overrides: Any) -> RoundRequest:
+    """A request as the server sends it: backbone and the site's rows of a fresh model (``seed``)."""
+    layout, state = global_weights(seed)
+    values: dict[str, Any] = dict(
+        server_round=server_round,
+        backbone=layout.backbone(state),
+        task_rows=layout.task_rows(state, [TASK_ID]),
+        modality_rows=layout.modality_rows(state, [0]),
+        task_row_ids=(TASK_ID,),
+        modality_row_ids=(0,),
+        model=dict(MODEL),
+        task_map={CLASS_KEY: TASK_ID, "other/class": 1},
+        engine=dict(ENGINE),
+        local_iterations=ITERATIONS,
+        schedule_iteration=(server_round - 1) * ITERATIONS,
+        seed=0,
+    )
+    values.update(overrides)
+    return RoundRequest(**values)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    return Site.from_path(write_site(tmp_path_factory.mktemp("site")))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_describe_then_preprocess_on_first_use(tmp_path: Path) -> None:
+    site = Site.from_path(write_site(tmp_path))
+    assert not site.config.preprocessed_dir.exists()
+    summary = [s.to_dict() for s in site.describe()]  # from the config's split: no preprocessing needed
+    assert summary == [{"name": DATASET, "modality": "CT", "classes": {"1": "tumour"}, "num_train_cases": 2}]
+    assert not site.config.preprocessed_dir.exists()
+    assert site.ensure_preprocessed() is True
+    assert (site.config.preprocessed_dir / DATASET / "dataset.json").is_file()
+    assert site.ensure_preprocessed() is False
+    assert [s.to_dict() for s in site.describe()] == summary
+    assert site.task_ids({CLASS_KEY: 7}) == {DATASET: (7,)}
+    with pytest.raises(ProtocolError, match="task-map has no task id for \\['sts_ct/tumour'\\]"):
+        site.task_ids({"sts_ct/liver": 1})
+
+
+def test_request_validation() -> None:
+    with pytest.raises(ProtocolError, match="wire-dtype must be one of"):
+        make_request(wire_dtype="bfloat16")
+    with pytest.raises(ProtocolError, match="local-iterations must be an int >= 1"):
+        make_request(local_iterations=0)
+    with pytest.raises(ProtocolError, match="proximal-mu must be a finite number >= 0"):
+        make_request(proximal_mu=-1.0)
+    with pytest.raises(ProtocolError, match="engine has keys \\['precision'\\]"):
+        make_request(engine={"precision": "bf16"})
+
+
+# ------------------------------------------------------------------------------------------------ train
+def test_two_training_rounds(site: Site) -> None:
+    request = make_request(1)
+    layout, _ = global_weights()
+    reply = site.train(request)
+    assert reply.backbone.shape == (layout.backbone_size,) and reply.backbone.dtype == torch.float32
+    assert reply.task_rows.shape == (1, layout.task_row_size)
+    assert reply.modality_rows.shape == (1, layout.modality_row_size)
+    assert (reply.task_row_ids, reply.modality_row_ids) == ((TASK_ID,), (0,))
+    assert set(reply.metrics) == {"num-examples", "loss", "bce", "dice", "modality-acc", "train-time-s"}
+    assert reply.metrics["num-examples"] == ITERATIONS * BATCH
+    assert all(math.isfinite(v) for v in reply.metrics.values())
+    assert not torch.equal(reply.backbone, request.backbone)  # it trained
+    saved = torch.load(site.engine_path, weights_only=True)
+    assert saved["iteration"] == ITERATIONS and saved["proximal_reference"] is None
+    assert saved["optimizer"]["param_groups"][0]["step"] == ITERATIONS
+    assert torch.equal(layout.backbone(saved["model"]), reply.backbone)
+
+    # round 2: other global weights, 16-bit wire, FedProx; the saved optimiser moments carry on
+    second = make_request(2, seed=1, wire_dtype="float16", proximal_mu=0.1)
+    reply2 = site.train(second)
+    assert reply2.backbone.dtype == reply2.task_rows.dtype == reply2.modality_rows.dtype == torch.float16
+    saved = torch.load(site.engine_path, weights_only=True)
+    assert saved["iteration"] == 2 * ITERATIONS
+    assert saved["optimizer"]["param_groups"][0]["step"] == 2 * ITERATIONS
+    reference = saved["proximal_reference"]  # the received weights
+    assert torch.equal(layout.backbone({**saved["model"], **reference}), second.backbone)
+    assert torch.equal(layout.task_rows({**saved["model"], **reference}, [TASK_ID]), second.task_rows)
+    drift = (reply2.backbone.float() - second.backbone).abs().max()
+    assert 0 < drift < (reply.backbone - second.backbone).abs().max()  # trained from the received weights
+    history = [json.loads(line) for line in (site.state_dir / "history.jsonl").read_text().splitlines()]
+    assert [(h["kind"], h["round"]) for h in history][-2:] == [("train", 1), ("train", 2)]
+
+
+def test_bad_tensors_are_protocol_errors(site: Site) -> None:
+    request = make_request(1)
+    with pytest.raises(ProtocolError, match="backbone must be a vector"):
+        site.train(make_request(1, backbone=request.backbone[:-1]))
+    with pytest.raises(ProtocolError, match="task rows must have shape"):
+        site.evaluate(make_request(1, task_row_ids=(TASK_ID, 1)))
+    with pytest.raises(ProtocolError, match="cannot be built"):
+        site.evaluate(make_request(1, model={"name": "hermes-r", "depth": 3}))
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def test_evaluate_reports_dice_of_the_received_weights(site: Site) -> None:
+    metrics = site.evaluate(make_request(1))
+    assert set(metrics) == {"num-examples", "dice/sts_ct/tumour", "dice-mean", "eval-time-s"}
+    assert metrics["num-examples"] == 1
+    assert 0.0 <= metrics["dice/sts_ct/tumour"] <= 1.0
+    assert metrics["dice-mean"] == metrics["dice/sts_ct/tumour"]
+    # the received weights decide: with the last layer of the task-kernel MLP zeroed every logit is 0, every
+    # probability 0.5 >= threshold, so the prediction is the whole volume and Dice = 2|R| / (|V| + |R|)
+    layout, state = global_weights()
+    last = "out.classifier_pred.1.fc2"
+    state = {**state, **{f"{last}.{p}": torch.zeros_like(state[f"{last}.{p}"]) for p in ("weight", "bias")}}
+    everything = site.evaluate(make_request(1, backbone=layout.backbone(state)))
+    (val,) = site.open_datasets({CLASS_KEY: TASK_ID}, "val")
+    label = val.label(0)
+    ref, total = float((label == 1).sum()), float(label.size)
+    # (MONAI computes Dice in float32)
+    assert everything["dice/sts_ct/tumour"] == pytest.approx(2 * ref / (total + ref), rel=1e-6)

@@ -1,0 +1,182 @@
+"""In-process stand-ins for the Flower runtime: a Grid that calls fake sites directly, and the sites.
+
+The fake sites follow the protocol (/server <-> client contract): they answer ``query`` with their
+datasets and ``train`` with the received arrays plus a delta drawn from the round seed they were sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from hermes_model.catalog import Catalog
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    MODALITY_ROW_IDS,
+    MODALITY_ROWS,
+    NUM_EXAMPLES,
+    SITE_RECORD,
+    TASK_ROW_IDS,
+    TASK_ROWS,
+)
+
+SMALL_CATALOG = {
+    "datasets": {
+        "alpha": {"modality": "CT", "task_ids": [0, 1], "classes": {1: "liver", 2: "tumour"}},
+        "beta": {"modality": "MR-T2", "task_ids": [2], "classes": {1: "prostate"}},
+    }
+}
+
+
+def small_catalog() -> Catalog:
+    return Catalog.from_dict(SMALL_CATALOG)
+
+
+def dataset_json(*entries: tuple[str, str, dict[int, str]]) -> str:
+    return json.dumps(
+        [
+            {"name": n, "modality": m, "classes": {str(k): v for k, v in c.items()}, "num_train_cases": 3}
+            for n, m, c in entries
+        ]
+    )
+
+
+def train_content(
+    backbone: np.ndarray,
+    task_rows: np.ndarray,
+    modality_rows: np.ndarray,
+    task_ids: list[int],
+    modality_ids: list[int],
+    num_examples: float = 10,
+    **metrics: float,
+) -> RecordDict:
+    """A protocol train reply's content."""
+    return RecordDict(
+        {
+            ARRAYS_RECORD: ArrayRecord(
+                {BACKBONE: Array(backbone), TASK_ROWS: Array(task_rows), MODALITY_ROWS: Array(modality_rows)}
+            ),
+            CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(task_ids), MODALITY_ROW_IDS: list(modality_ids)}),
+            METRICS_RECORD: MetricRecord({NUM_EXAMPLES: num_examples, "loss": 1.0, **metrics}),
+        }
+    )
+
+
+def received(msg: Message) -> dict[str, np.ndarray]:
+    arrays = msg.content[ARRAYS_RECORD]
+    return {k: arrays[k].numpy().astype(np.float32) for k in (BACKBONE, TASK_ROWS, MODALITY_ROWS)}
+
+
+@dataclass
+class FakeSite:
+    """A site: its name, datasets json, samples per round and dice; ``reply`` may be replaced."""
+
+    name: str
+    datasets: str
+    num_examples: float = 8
+    dice: dict[str, float] = field(default_factory=dict)
+    silent: bool = False  # never replies to train
+    reply: Callable[[FakeSite, Message], Message | None] | None = None
+
+    def handle(self, msg: Message) -> Message | None:
+        kind = msg.metadata.message_type
+        if kind == MessageType.QUERY:
+            return Message(
+                RecordDict({SITE_RECORD: ConfigRecord({"name": self.name, "datasets": self.datasets})}),
+                reply_to=msg,
+            )
+        if self.reply is not None:
+            return self.reply(self, msg)
+        if kind == MessageType.TRAIN:
+            return None if self.silent else self.train(msg)
+        return self.evaluate(msg)
+
+    def train(self, msg: Message) -> Message:
+        """Received arrays + a delta drawn from the round seed (deterministic)."""
+        config = msg.content[CONFIG_RECORD]
+        arrays = received(msg)
+        gen = torch.Generator().manual_seed(int(config["seed"]))
+        out = {
+            k: (v + 0.01 * torch.randn(v.shape, generator=gen).numpy()).astype(np.float32)
+            for k, v in arrays.items()
+        }
+        content = train_content(
+            out[BACKBONE],
+            out[TASK_ROWS],
+            out[MODALITY_ROWS],
+            list(config[TASK_ROW_IDS]),
+            list(config[MODALITY_ROW_IDS]),
+            self.num_examples,
+            dice=0.5,
+        )
+        return Message(content, reply_to=msg)
+
+    def evaluate(self, msg: Message) -> Message:
+        metrics = {NUM_EXAMPLES: self.num_examples, **self.dice}
+        if self.dice:
+            metrics["dice-mean"] = float(np.mean(list(self.dice.values())))
+        return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)
+
+
+class FakeGrid(Grid):
+    """A Grid whose ``send_and_receive`` hands each message to the fake site of its node."""
+
+    def __init__(self, sites: dict[int, FakeSite], crash_at_round: int | None = None) -> None:
+        self.sites = sites
+        self.crash_at_round = crash_at_round
+        self.sent: list[Message] = []
+
+    def set_run(self, run: Any) -> None:  # not used in process
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return getattr(self, "_run", None)
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            if self.crash_at_round is not None and msg.metadata.group_id == str(self.crash_at_round):
+                raise RuntimeError(f"simulated server crash in round {self.crash_at_round}")
+            reply = self.sites[msg.metadata.dst_node_id].handle(msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def error_reply(msg: Message) -> Message:
+    return Message(Error(code=0, reason="node unavailable"), reply_to=msg)

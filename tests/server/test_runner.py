@@ -1,0 +1,186 @@
+"""The run loop on an in-process fake grid: bounded start, skipped rounds, checkpoints, resume, the app."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from hermes_model import load_checkpoint
+from server.app import app
+from server.checkpoint import RunStore, load_round_checkpoint
+from server.config import ServerConfig
+from server.runner import SiteWaitTimeout, initial_model, run_federation
+from tests.server.fakes import FakeGrid, FakeSite, dataset_json, small_catalog
+
+ALPHA = ("alpha", "CT", {1: "liver", 2: "tumour"})
+BETA = ("beta", "MR-T2", {1: "prostate"})
+DELTA = ("delta", "PET", {1: "lesion"})  # new to the catalog: registered at the first query
+
+
+def _sites() -> dict[int, FakeSite]:
+    return {
+        11: FakeSite("site-a", dataset_json(ALPHA), 8, {"dice/alpha/liver": 0.7}),
+        12: FakeSite("site-b", dataset_json(BETA), 16, {"dice/beta/prostate": 0.5}),
+        13: FakeSite("site-c", dataset_json(ALPHA, DELTA), 4, {"dice/delta/lesion": 0.2}),
+    }
+
+
+def _config(tmp_path: Path, run_dir: str, **overrides) -> ServerConfig:
+    catalog = tmp_path / "catalog.yaml"
+    if not catalog.exists():
+        small_catalog().save(catalog)
+    values = dict(
+        num_server_rounds=4,
+        min_sites=3,
+        sites_per_round=2,
+        start_timeout_s=5,
+        poll_interval_s=0.01,
+        round_timeout_s=30,
+        query_timeout_s=5,
+        local_iterations=2,
+        strategy="fedadam",
+        base_channels=8,
+        task_slots=8,
+        modality_slots=6,
+        catalog=str(catalog),
+        run_dir=str(tmp_path / run_dir),
+        seed=11,
+        keep_checkpoints=0,
+        evaluate_every=2,
+    )
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+def _timeless(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k != "round-time-s"} for line in lines]
+
+
+def test_resume_after_a_crash_equals_a_straight_run(tmp_path):
+    straight = run_federation(FakeGrid(_sites()), _config(tmp_path, "straight"))
+    with pytest.raises(RuntimeError, match="simulated server crash"):
+        run_federation(FakeGrid(_sites(), crash_at_round=3), _config(tmp_path, "crashed"))
+    store = RunStore(tmp_path / "crashed")
+    assert store.latest_path().name == "round_0002.pt"
+    resumed = run_federation(FakeGrid(_sites()), _config(tmp_path, "crashed", resume=True))
+
+    assert resumed.last_round == straight.last_round == 4
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    initial, _ = initial_model(_config(tmp_path, "x"))
+    assert not all(torch.equal(a[k], v) for k, v in initial.state_dict().items())  # training moved it
+    assert resumed.bank == straight.bank and resumed.catalog == straight.catalog
+    moments_a, moments_b = straight.strategy.state_dict(), resumed.strategy.state_dict()
+    assert moments_a["adam_steps"] == moments_b["adam_steps"] == 4
+    assert all(torch.equal(moments_a["moments"][k], moments_b["moments"][k]) for k in moments_a["moments"])
+    lines_a, lines_b = RunStore(tmp_path / "straight").read_metrics(), store.read_metrics()
+    assert _timeless(lines_a) == _timeless(lines_b)
+    # per-site lines carry site names (never node ids); aggregates of train and evaluate are there
+    assert {x["site"] for x in lines_a if x["scope"] == "site"} == {"site-a", "site-b", "site-c"}
+    assert sorted(x["round"] for x in lines_a if x["scope"] == "aggregate" and x["phase"] == "evaluate") == [
+        2,
+        4,
+    ]
+    # the new dataset got a row, and the site owning it trained it
+    delta_id = straight.catalog.task_id("delta/lesion")
+    assert straight.bank.owners("task", delta_id) == {"site-c"}
+    assert straight.bank.info("task", delta_id).last_round is not None
+
+
+def test_round_checkpoint_is_a_model_checkpoint_and_old_ones_are_pruned(tmp_path):
+    cfg = _config(
+        tmp_path, "run", num_server_rounds=3, keep_checkpoints=1, strategy="fedavg", evaluate_every=0
+    )
+    result = run_federation(FakeGrid(_sites()), cfg)
+    store = RunStore(cfg.run_dir)
+    assert list(store.round_files()) == [3]
+    assert (store.checkpoint_dir / "latest").read_text().strip() == "round_0003.pt"
+    loaded = load_checkpoint(store.latest_path())
+    assert loaded.source == "hermes-fl" and loaded.config["base_channels"] == 8
+    state = result.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    ckpt = load_round_checkpoint(store.latest_path())
+    assert ckpt.server_round == 3 and ckpt.bank == result.bank and "delta" in ckpt.catalog
+    # one of our checkpoints as initial weights: same tensors, and the catalog inside it is used
+    model, catalog = initial_model(
+        _config(tmp_path, "next", initial_weights=str(store.latest_path()), catalog="")
+    )
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and "delta" in catalog
+    with pytest.raises(ValueError, match="base-channels: checkpoint 8, config 16"):
+        initial_model(_config(tmp_path, "next", initial_weights=str(store.latest_path()), base_channels=16))
+
+
+def test_existing_run_dir_needs_resume(tmp_path):
+    cfg = _config(tmp_path, "run", num_server_rounds=1, strategy="fedavg", evaluate_every=0)
+    run_federation(FakeGrid(_sites()), cfg)
+    with pytest.raises(ValueError, match="resume"):
+        run_federation(FakeGrid(_sites()), cfg)
+    with pytest.raises(ValueError, match="seed: checkpoint has 11, now 12"):
+        run_federation(
+            FakeGrid(_sites()),
+            _config(tmp_path, "run", num_server_rounds=2, strategy="fedavg", resume=True, seed=12),
+        )
+
+
+def test_start_timeout_is_a_clear_error_not_a_hang(tmp_path):
+    sites = _sites()
+    cfg = _config(tmp_path, "run", min_sites=4, start_timeout_s=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(SiteWaitTimeout, match="only 3 of min-sites=4"):
+        run_federation(FakeGrid(sites), cfg)
+    assert time.monotonic() - t0 < 5
+
+
+def test_rounds_with_too_few_replies_keep_the_model(tmp_path):
+    sites = _sites()
+    sites[12].silent = sites[13].silent = True  # they never answer train
+    cfg = _config(
+        tmp_path,
+        "run",
+        num_server_rounds=2,
+        sites_per_round=0,
+        min_sites_per_round=2,
+        strategy="fedavg",
+        evaluate_every=0,
+    )
+    result = run_federation(FakeGrid(sites), cfg)
+    initial, _ = initial_model(cfg)
+    state = result.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in initial.state_dict().items())
+    aggregates = [x for x in RunStore(cfg.run_dir).read_metrics() if x["scope"] == "aggregate"]
+    assert [x["skipped"] for x in aggregates] == [1, 1] and [x["valid-replies"] for x in aggregates] == [1, 1]
+    assert list(RunStore(cfg.run_dir).round_files()) == [1, 2]
+
+
+def test_server_app_runs_from_the_run_config(tmp_path):
+    cfg = _config(
+        tmp_path, "app", num_server_rounds=1, strategy="fedprox", proximal_mu=0.05, evaluate_every=1
+    )
+    grid = FakeGrid(_sites())
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    app(grid, context)
+    assert list(RunStore(cfg.run_dir).round_files()) == [1]
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(sent) == 2 and all(m.content["config"]["proximal-mu"] == pytest.approx(0.05) for m in sent)
+    assert json.loads(sent[0].content["config"]["model"])["base_channels"] == 8
+    queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+    assert len(queries) == 3 and "alpha" in json.loads(queries[0].content["config"]["catalog"])["datasets"]
+
+
+def test_initial_weights_from_the_published_layout_use_the_ema_weights(tmp_path):
+    model, _ = initial_model(_config(tmp_path, "x", seed=1))
+    ema, _ = initial_model(_config(tmp_path, "x", seed=2))
+    path = tmp_path / "hermes_r_published.pth"
+    torch.save(
+        {"model_state_dict": model.state_dict(), "ema_model_state_dict": ema.state_dict(), "epoch": 3}, path
+    )
+    loaded, catalog = initial_model(_config(tmp_path, "x", initial_weights=str(path)))
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert "alpha" in catalog  # the configured catalog (the published file carries none)
+    with pytest.raises(ValueError, match="does not exist"):
+        initial_model(_config(tmp_path, "x", initial_weights=str(tmp_path / "missing.pt")))

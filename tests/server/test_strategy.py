@@ -1,0 +1,371 @@
+"""HermesStrategy with real Flower records as replies: payloads, averaging, validation, FedAdam, evaluate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    MODALITY_ROWS,
+    NUM_EXAMPLES,
+    TASK_ROW_IDS,
+    TASK_ROWS,
+    StateLayout,
+)
+from server.bank import PriorBank, parse_site_datasets
+from server.checkpoint import RunStore, load_round_checkpoint
+from server.state import GlobalState
+from server.strategy import HermesStrategy, StrategyOptions, derive_seed
+from server.validation import DROP_REASONS
+from tests.server.fakes import (
+    FakeGrid,
+    FakeSite,
+    dataset_json,
+    error_reply,
+    received,
+    small_catalog,
+    train_content,
+)
+
+ALPHA = ("alpha", "CT", {1: "liver", 2: "tumour"})
+BETA = ("beta", "MR-T2", {1: "prostate"})
+SITES = {1: ("site-a", ALPHA), 2: ("site-b", BETA), 3: ("site-c", ALPHA)}
+COUNTS = {1: 10.0, 2: 30.0, 3: 60.0}
+
+
+@pytest.fixture()
+def setup(small_model):
+    layout = StateLayout.from_model(small_model)
+    catalog, bank = small_catalog(), PriorBank(layout.task_slots, layout.modality_slots)
+    for name, ds in SITES.values():
+        bank.register_site(name, parse_site_datasets(dataset_json(ds)), catalog)
+    state = GlobalState.from_state_dict(layout, small_model.state_dict())
+    grid = FakeGrid({n: FakeSite(name, dataset_json(ds)) for n, (name, ds) in SITES.items()})
+
+    def make(**options) -> HermesStrategy:
+        strategy = HermesStrategy(layout, bank, StrategyOptions(**options))
+        strategy.nodes = {n: name for n, (name, _) in SITES.items()}
+        return strategy
+
+    return layout, bank, state, grid, make
+
+
+def _messages(strategy: HermesStrategy, state: GlobalState, grid: FakeGrid, server_round: int = 1) -> dict:
+    msgs = strategy.configure_train(server_round, state.to_record(), ConfigRecord(), grid)
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def _const_reply(msg: Message, backbone: float, rows: float, n: float, dtype=np.float32) -> Message:
+    got = received(msg)
+    config = msg.content[CONFIG_RECORD]
+    content = train_content(
+        np.full_like(got[BACKBONE], backbone, dtype=dtype),
+        np.full_like(got[TASK_ROWS], rows, dtype=dtype),
+        np.full_like(got[MODALITY_ROWS], rows, dtype=dtype),
+        list(config[TASK_ROW_IDS]),
+        list(config["modality_row_ids"]),
+        n,
+    )
+    return Message(content, reply_to=msg)
+
+
+def _replies(msgs: dict, values: dict[int, float], weights: dict[int, float] = COUNTS) -> list[Message]:
+    return [_const_reply(msgs[n], v, v, weights[n]) for n, v in values.items()]
+
+
+def test_configure_train_sends_each_site_only_its_rows(setup):
+    layout, _, state, grid, make = setup
+    strategy = make(local_iterations=5, seed=7, kind="fedprox", proximal_mu=0.01)
+    msgs = _messages(strategy, state, grid, server_round=3)
+    assert sorted(msgs) == [1, 2, 3]
+    a, b = msgs[1].content, msgs[2].content
+    assert a[CONFIG_RECORD][TASK_ROW_IDS] == [0, 1] and a[CONFIG_RECORD]["modality_row_ids"] == [0]
+    assert b[CONFIG_RECORD][TASK_ROW_IDS] == [2] and b[CONFIG_RECORD]["modality_row_ids"] == [3]
+    np.testing.assert_array_equal(a[ARRAYS_RECORD][TASK_ROWS].numpy(), state.task_rows[[0, 1]].numpy())
+    np.testing.assert_array_equal(b[ARRAYS_RECORD][MODALITY_ROWS].numpy(), state.modality_rows[[3]].numpy())
+    np.testing.assert_array_equal(a[ARRAYS_RECORD][BACKBONE].numpy(), state.backbone.numpy())
+    cfg = a[CONFIG_RECORD]
+    assert cfg["server-round"] == 3 and cfg["local-iterations"] == 5 and cfg["schedule-iteration"] == 10
+    assert cfg["proximal-mu"] == pytest.approx(0.01) and cfg["wire-dtype"] == "float32"
+    assert json.loads(cfg["task-map"]) == {"alpha/liver": 0, "alpha/tumour": 1}
+    assert cfg["seed"] == derive_seed(7, 3, "site-a") != b[CONFIG_RECORD]["seed"]
+    assert msgs[1].metadata.message_type == "train" and msgs[1].metadata.group_id == "3"
+    assert len(a[ARRAYS_RECORD]) == 3  # few large arrays, never one per tensor
+
+
+def test_sampling_is_a_function_of_seed_and_round(setup):
+    _, _, state, grid, make = setup
+    picks = [sorted(_messages(make(sites_per_round=2, seed=3), state, grid, r)) for r in range(1, 9)]
+    again = [sorted(_messages(make(sites_per_round=2, seed=3), state, grid, r)) for r in range(1, 9)]
+    assert picks == again and all(len(p) == 2 for p in picks)
+    assert len({tuple(p) for p in picks}) > 1  # the sample changes with the round
+
+
+def test_weighted_backbone_and_row_means_over_owners(setup):
+    _, bank, state, grid, make = setup
+    strategy = make()
+    msgs = _messages(strategy, state, grid)
+    arrays, metrics = strategy.aggregate_train(1, _replies(msgs, {1: 1.0, 2: 2.0, 3: 4.0}))
+    new = GlobalState.from_record(arrays, strategy.layout)
+    assert torch.allclose(new.backbone, torch.full_like(new.backbone, (10 * 1 + 30 * 2 + 60 * 4) / 100))
+    alpha = (10 * 1 + 60 * 4) / 70
+    assert torch.allclose(new.task_rows[[0, 1]], torch.full_like(new.task_rows[[0, 1]], alpha))
+    assert torch.allclose(new.task_rows[2], torch.full_like(new.task_rows[2], 2.0))
+    assert torch.equal(new.task_rows[3:], state.task_rows[3:])  # rows nobody owns keep their value
+    assert torch.allclose(new.modality_rows[0], torch.full_like(new.modality_rows[0], alpha))
+    assert torch.allclose(new.modality_rows[3], torch.full_like(new.modality_rows[3], 2.0))
+    assert torch.equal(new.modality_rows[[1, 2, 4, 5]], state.modality_rows[[1, 2, 4, 5]])
+    assert new.backbone.dtype == torch.float32
+    assert metrics["valid-replies"] == 3 and metrics["dropped-replies"] == 0 and metrics[NUM_EXAMPLES] == 100
+    assert bank.info("task", 0).last_round == 1 and bank.info("task", 0).samples == 70
+    assert bank.info("modality", 3).samples == 30 and bank.info("task", 5) is None
+
+
+def test_uniform_weighting(setup):
+    _, _, state, grid, make = setup
+    strategy = make(weighting="uniform")
+    msgs = _messages(strategy, state, grid)
+    new = GlobalState.from_record(
+        strategy.aggregate_train(1, _replies(msgs, {1: 1.0, 2: 2.0, 3: 4.0}))[0], strategy.layout
+    )
+    assert torch.allclose(new.backbone, torch.full_like(new.backbone, 7 / 3))
+    assert torch.allclose(new.task_rows[0], torch.full_like(new.task_rows[0], 2.5))
+
+
+def test_rows_whose_owners_did_not_reply_keep_their_value(setup):
+    _, bank, state, grid, make = setup
+    strategy = make()
+    msgs = _messages(strategy, state, grid)
+    new = GlobalState.from_record(
+        strategy.aggregate_train(1, _replies(msgs, {1: 1.0, 3: 4.0}))[0], strategy.layout
+    )
+    assert torch.equal(new.task_rows[2], state.task_rows[2])
+    assert torch.equal(new.modality_rows[3], state.modality_rows[3])
+    assert torch.allclose(new.backbone, torch.full_like(new.backbone, 250 / 70))
+    assert bank.info("task", 2).last_round is None
+
+
+def _mutate_arrays(**changes: Callable[[dict], None]):
+    def mutate(content: RecordDict) -> RecordDict:
+        arrays = {k: v.numpy() for k, v in content[ARRAYS_RECORD].items()}
+        for fn in changes.values():
+            fn(arrays)
+        content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return content
+
+    return mutate
+
+
+def _set_metric(key: str, value: float | None):
+    def mutate(content: RecordDict) -> RecordDict:
+        metrics = dict(content[METRICS_RECORD])
+        metrics.pop(key, None)
+        if value is not None:
+            metrics[key] = value
+        content[METRICS_RECORD] = MetricRecord(metrics)
+        return content
+
+    return mutate
+
+
+def _poke(name: str, value: float):
+    def fn(arrays: dict) -> None:
+        arrays[name] = arrays[name].copy()
+        arrays[name].reshape(-1)[0] = value
+
+    return fn
+
+
+def _drop_record(name: str):
+    def mutate(content: RecordDict) -> RecordDict:
+        return RecordDict({k: v for k, v in content.items() if k != name})
+
+    return mutate
+
+
+INVALID = {
+    "missing metrics record": (_drop_record(METRICS_RECORD), "bad-records"),
+    "unexpected record": (
+        lambda c: RecordDict({**dict(c.items()), "extra": ConfigRecord({"x": 1})}),
+        "bad-records",
+    ),
+    "missing array": (_mutate_arrays(f=lambda a: a.pop(MODALITY_ROWS)), "bad-arrays"),
+    "unexpected array": (_mutate_arrays(f=lambda a: a.update(extra=np.zeros(2, np.float32))), "bad-arrays"),
+    "backbone size": (_mutate_arrays(f=lambda a: a.update(backbone=a[BACKBONE][:-1])), "bad-shape"),
+    "row width": (_mutate_arrays(f=lambda a: a.update(task_rows=np.zeros((2, 5), np.float32))), "bad-shape"),
+    "row count": (
+        _mutate_arrays(f=lambda a: a.update(task_rows=np.concatenate([a[TASK_ROWS]] * 2))),
+        "bad-shape",
+    ),
+    "float64": (_mutate_arrays(f=lambda a: a.update(backbone=a[BACKBONE].astype(np.float64))), "bad-dtype"),
+    "int32": (_mutate_arrays(f=lambda a: a.update(task_rows=a[TASK_ROWS].astype(np.int32))), "bad-dtype"),
+    "nan": (_mutate_arrays(f=_poke(BACKBONE, np.nan)), "non-finite"),
+    "inf": (_mutate_arrays(f=_poke(MODALITY_ROWS, np.inf)), "non-finite"),
+    "num-examples 0": (_set_metric(NUM_EXAMPLES, 0), "bad-num-examples"),
+    "num-examples < 0": (_set_metric(NUM_EXAMPLES, -5.0), "bad-num-examples"),
+    "num-examples missing": (_set_metric(NUM_EXAMPLES, None), "bad-num-examples"),
+    "nan metric": (_set_metric("loss", float("nan")), "bad-metrics"),
+    "rows not owned": (
+        lambda c: RecordDict(
+            {**dict(c.items()), CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: [0, 2], "modality_row_ids": [0]})}
+        ),
+        "bad-row-ids",
+    ),
+    "row ids missing": (
+        lambda c: RecordDict({**dict(c.items()), CONFIG_RECORD: ConfigRecord({})}),
+        "bad-row-ids",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_reply_is_dropped_and_counted(setup, case):
+    _, _, state, grid, make = setup
+    mutate, reason = INVALID[case]
+    strategy = make()
+    msgs = _messages(strategy, state, grid)
+    good = _replies(msgs, {2: 2.0, 3: 4.0})
+    bad = _const_reply(msgs[1], 100.0, 100.0, 10)
+    bad = Message(mutate(bad.content), reply_to=msgs[1])
+    arrays, metrics = strategy.aggregate_train(1, [bad, *good])
+    assert (
+        metrics["dropped-replies"] == 1
+        and metrics[f"dropped/{reason}"] == 1
+        and metrics["valid-replies"] == 2
+    )
+    new = GlobalState.from_record(arrays, strategy.layout)
+    assert torch.allclose(new.backbone, torch.full_like(new.backbone, (30 * 2 + 60 * 4) / 90))
+    dropped = [x for x in strategy.round_lines if x.get("status") == "dropped"]
+    assert len(dropped) == 1 and dropped[0]["site"] == "site-a"
+    assert dropped[0]["reason"] == reason and reason in DROP_REASONS
+
+
+def test_error_reply_stranger_and_duplicate_are_dropped(setup):
+    _, _, state, grid, make = setup
+    strategy = make()
+    msgs = _messages(strategy, state, grid)
+    stranger_msg = Message(RecordDict(), dst_node_id=99, message_type="train")
+    stranger = _const_reply(msgs[2], 5.0, 5.0, 10)
+    stranger = Message(stranger.content, reply_to=stranger_msg)
+    duplicate = _const_reply(msgs[3], 50.0, 50.0, 60)
+    replies = [error_reply(msgs[1]), *_replies(msgs, {2: 2.0, 3: 4.0}), stranger, duplicate]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["dropped/error-reply"] == 1 and metrics["dropped/unexpected-sender"] == 2
+    new = GlobalState.from_record(arrays, strategy.layout)
+    assert torch.allclose(new.backbone, torch.full_like(new.backbone, (30 * 2 + 60 * 4) / 90))
+
+
+def test_round_without_valid_reply_keeps_the_model(setup):
+    _, bank, state, grid, make = setup
+    strategy = make(min_replies=2)
+    msgs = _messages(strategy, state, grid)
+    arrays, metrics = strategy.aggregate_train(1, [error_reply(m) for m in msgs.values()])
+    assert arrays is None and metrics["skipped"] == 1 and metrics["dropped/error-reply"] == 3
+    arrays, metrics = strategy.aggregate_train(1, _replies(msgs, {1: 1.0}))  # 1 valid < min_replies=2
+    assert arrays is None and metrics["skipped"] == 1 and metrics["valid-replies"] == 1
+    assert bank.info("task", 0).last_round is None
+    assert strategy._current.equal(state)
+
+
+def test_float16_wire_is_averaged_in_float32(setup):
+    _, _, state, grid, make = setup
+    strategy = make(wire_dtype="float16")
+    msgs = _messages(strategy, state, grid)
+    assert msgs[1].content[ARRAYS_RECORD][BACKBONE].dtype == "float16"
+    replies = [
+        _const_reply(msgs[n], v, v, COUNTS[n], np.float16) for n, v in {1: 1.0, 2: 2.0, 3: 4.0}.items()
+    ]
+    new = GlobalState.from_record(strategy.aggregate_train(1, replies)[0], strategy.layout)
+    assert new.backbone.dtype == torch.float32
+    assert torch.allclose(new.backbone, torch.full_like(new.backbone, 3.1))
+
+
+def _plus(msgs: dict, delta: float) -> list[Message]:
+    out = []
+    for n, msg in msgs.items():
+        got = received(msg)
+        cfg = msg.content[CONFIG_RECORD]
+        out.append(
+            Message(
+                train_content(
+                    got[BACKBONE] + delta,
+                    got[TASK_ROWS] + delta,
+                    got[MODALITY_ROWS] + delta,
+                    list(cfg[TASK_ROW_IDS]),
+                    list(cfg["modality_row_ids"]),
+                    COUNTS[n],
+                ),
+                reply_to=msg,
+            )
+        )
+    return out
+
+
+def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, tmp_path):
+    layout, bank, state, grid, make = setup
+    strategy = make(kind="fedadam", server_lr=0.1, tau=1e-3)
+    msgs = _messages(strategy, state, grid)
+    only_a = {1: msgs[1]}
+    new = GlobalState.from_record(strategy.aggregate_train(1, _plus(only_a, 0.5))[0], layout)
+    step = 0.1 * 0.05 / (0.05 + 1e-3)  # lr * m / (sqrt(v) + tau) after one step of delta 0.5
+    assert torch.allclose(new.backbone - state.backbone, torch.full_like(state.backbone, step), atol=1e-5)
+    assert torch.allclose(new.task_rows[[0, 1]] - state.task_rows[[0, 1]], torch.tensor(step), atol=1e-5)
+    assert torch.equal(new.task_rows[2:], state.task_rows[2:]) and torch.equal(
+        new.modality_rows[1:], state.modality_rows[1:]
+    )
+    # the moments survive a round checkpoint: a restored strategy takes the same next step
+    RunStore(tmp_path).save_round(
+        1,
+        small_model,
+        catalog=small_catalog(),
+        bank=bank,
+        strategy_state=strategy.state_dict(),
+        config={},
+        seed=0,
+    )
+    restored = make(kind="fedadam", server_lr=0.1, tau=1e-3)
+    restored.load_state_dict(load_round_checkpoint(tmp_path / "checkpoints" / "round_0001.pt").strategy_state)
+    outs = []
+    for strat in (strategy, restored):
+        msgs2 = _messages(strat, new, grid, server_round=2)
+        outs.append(strat.aggregate_train(2, _plus(msgs2, -0.2))[0])
+    first, second = (GlobalState.from_record(o, layout) for o in outs)
+    assert first.equal(second) and not first.equal(new)
+    with pytest.raises(ValueError, match="fedavg"):
+        make().load_state_dict(strategy.state_dict())
+
+
+def test_evaluate_weighted_dice_per_task(setup):
+    _, _, state, grid, make = setup
+    grid.sites[1].dice, grid.sites[1].num_examples = {"dice/alpha/liver": 0.8}, 10
+    grid.sites[3].dice, grid.sites[3].num_examples = {"dice/alpha/liver": 0.4}, 30
+    grid.sites[2].dice, grid.sites[2].num_examples = {"dice/beta/prostate": 0.6}, 20
+    strategy = make()
+    msgs = list(strategy.configure_evaluate(1, state.to_record(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 2, 3]
+    assert all(m.metadata.message_type == "evaluate" for m in msgs)
+    metrics = strategy.aggregate_evaluate(1, grid.send_and_receive(msgs))
+    assert metrics["dice/alpha/liver"] == pytest.approx((10 * 0.8 + 30 * 0.4) / 40)
+    assert metrics["dice/beta/prostate"] == pytest.approx(0.6)
+    assert metrics[NUM_EXAMPLES] == 60 and metrics["valid-replies"] == 3
+    bad = [error_reply(m) for m in msgs]
+    assert strategy.aggregate_evaluate(1, bad) is None
+    assert sum(1 for x in strategy.round_lines if x.get("reason") == "error-reply") == 3
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="fedavg"):
+        StrategyOptions(kind="fedsgd")
+    with pytest.raises(ValueError, match="proximal-mu"):
+        StrategyOptions(kind="fedprox", proximal_mu=0.0)
+    with pytest.raises(ValueError, match="uniform"):
+        StrategyOptions(weighting="cases")
