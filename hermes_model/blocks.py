@@ -21,14 +21,19 @@ def instance_norm_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 class PreActConv(nn.Module):
-    """``[IN -> ReLU -> conv3x3x3]``; the norm has no parameters, so the state dict holds ``conv.weight``."""
+    """``[IN -> ReLU -> conv]`` (``relu=False``: ``[IN -> conv]``); the norm has no parameters, so the
+    state dict holds ``conv.weight``. Defaults: 3x3x3, padding 1, no bias."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, kernel_size: int = 3, groups: int = 1,
+                 relu: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.relu = relu
+        self.conv = nn.Conv3d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2,
+                              groups=groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(instance_norm_relu(x))
+        x = instance_norm_relu(x) if self.relu else F.instance_norm(x, eps=INSTANCE_NORM_EPS)
+        return self.conv(x)
 
 
 class BasicBlock(nn.Module):

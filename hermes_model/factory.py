@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -11,16 +12,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from hermes_model.hermes_m import HermesM
 from hermes_model.hermes_r import HermesR
 
 log = logging.getLogger(__name__)
 
-MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {"hermes-r": HermesR}
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {"hermes-r": HermesR, "hermes-m": HermesM}
 CHECKPOINT_FORMAT = "hermes-fl/model-v1"
 
 
 def available_models() -> list[str]:
     return sorted(MODEL_REGISTRY)
+
+
+def model_arguments(name: str) -> frozenset[str]:
+    """The constructor arguments a registered model takes (e.g. Hermes-M has no ``base_channels``)."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+    return frozenset(inspect.signature(MODEL_REGISTRY[name]).parameters)
 
 
 def build_model(name: str = "hermes-r", **kwargs: Any) -> nn.Module:
@@ -70,7 +79,7 @@ def load_checkpoint(
     elif "model_state_dict" in ckpt:
         used_ema = use_ema and "ema_model_state_dict" in ckpt
         state = _strip_prefix(ckpt["ema_model_state_dict" if used_ema else "model_state_dict"])
-        config = infer_hermes_r_config(state)
+        config = infer_model_config(state)
         source, extra = "published", {}
     else:
         raise ValueError(
@@ -94,13 +103,16 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def infer_hermes_r_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Constructor arguments of a Hermes-R state dict, read off its tensor shapes."""
-    try:
-        base = state["inc.conv1.weight"].shape[0]
-        task_rows = state["prior_init_fuse_2.task_prior"].shape[0]
-        modality_slots = state["prior_init_fuse_2.modality_prior"].shape[0]
-    except KeyError as err:
-        raise ValueError(f"not a Hermes-R state dict: missing {err}") from None
-    return {"name": "hermes-r", "base_channels": base, "task_slots": task_rows - 1,
-            "modality_slots": modality_slots}
+def infer_model_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Model name and constructor arguments of a published Hermes-R or Hermes-M state dict."""
+    if "map_fusion.in_proj.0.weight" in state:
+        name, bank = "hermes-m", "down2.prior_selection"
+    elif "prior_init_fuse_2.task_prior" in state:
+        name, bank = "hermes-r", "prior_init_fuse_2"
+    else:
+        raise ValueError("not a Hermes-R or Hermes-M state dict (no prior banks where they belong)")
+    config = {"name": name, "task_slots": state[f"{bank}.task_prior"].shape[0] - 1,
+              "modality_slots": state[f"{bank}.modality_prior"].shape[0]}
+    if name == "hermes-r":
+        config["base_channels"] = state["inc.conv1.weight"].shape[0]
+    return config

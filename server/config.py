@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hermes_model.factory import model_arguments
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -137,12 +139,14 @@ class ServerConfig(BaseModel):
         return fields
 
     def model_kwargs(self) -> dict[str, Any]:
-        """``build_model`` keyword arguments (without the name)."""
-        return {
+        """``build_model`` keyword arguments (without the name); only those the chosen model takes."""
+        candidates = {
             "base_channels": self.base_channels,
             "task_slots": self.task_slots,
             "modality_slots": self.modality_slots,
         }
+        accepted = model_arguments(self.model)
+        return {k: v for k, v in candidates.items() if k in accepted}
 
     def resume_conflicts(self, saved: Mapping[str, Any]) -> list[str]:
         """Settings in :data:`FIXED_ON_RESUME` that differ from ``saved`` (a :meth:`model_dump`)."""
