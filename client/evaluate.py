@@ -54,6 +54,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
+from client.formats import IMAGE_SUFFIXES
 from client.preprocess import CaseError, foreground_box, physical_extent, read_image, target_grid
 from hermes_model.fileio import atomic_write_bytes
 from hermes_model.metrics import dice_per_task, hd95_per_task, summarise, surface_dice_per_task
@@ -71,7 +72,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 METRICS = ("dice", "hd95_mm", "surface_dice", "dice_1p5mm")
 CSV_COLUMNS = ("case", "class", "ref_values", "pred_values", *METRICS, "ref_voxels", "pred_voxels")
 PAPER_SPACING = 1.5

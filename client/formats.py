@@ -58,6 +58,7 @@ __all__ = [
     "register_label_reader",
 ]
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # what SimpleITK reads as one file
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _CASE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]*$")
 _RESERVED_IDS = frozenset({"dataset", "report"})

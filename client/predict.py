@@ -64,6 +64,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from client.formats import IMAGE_SUFFIXES
 from client.preprocess import CaseError, PreprocessSettings, preprocess_image, restore_to_original
 from hermes_model.catalog import (
     MODALITY_NAMES,
@@ -97,7 +98,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DEFAULT_OUTPUT_SUFFIX = ".nii.gz"
 DEFAULT_SPACING = 1.5
