@@ -150,10 +150,11 @@ class PriorBank:
             self._check_dataset(ds, catalog)
         new = [ds for ds in datasets if ds.name not in catalog]
         needed = catalog.num_tasks + sum(len(ds.classes) for ds in new)
-        if needed > self.task_slots:
+        if needed > self.usable_task_ids:
             raise ValueError(
                 f"site {site!r}: new datasets {[d.name for d in new]} need task ids up to {needed - 1} "
-                f"but the model has task_slots={self.task_slots}; start a run with a larger task-slots"
+                f"but the model has task_slots={self.task_slots} (task ids 0..{self.usable_task_ids - 1}); "
+                "start a run with a larger task-slots"
             )
         for ds in new:
             entry = catalog.register_dataset(ds.name, ds.modalities[0], ds.classes)
@@ -174,6 +175,12 @@ class PriorBank:
             for info in table.values():
                 info.owners.discard(site)
         self.sites.pop(site, None)
+
+    @property
+    def usable_task_ids(self) -> int:
+        """Task ids a model can take: ``0..task_slots-2``, the rule of the networks' input check and of
+        ``Catalog.check_capacity`` (the published 72 slots hold 71 tasks; row ``task_slots - 1`` is spare)."""
+        return self.task_slots - 1
 
     def ownership(self, site: str) -> SiteOwnership:
         if site not in self.sites:
@@ -220,9 +227,11 @@ class PriorBank:
             )
             mids = {modality_id(m) for m in ds.modalities} | set(entry.modality_ids.values())
             mod_rows |= {modality_row(m, self.modality_slots) for m in mids}
-        bad = sorted(t for t in task_map.values() if not 0 <= t < self.task_slots)
+        bad = sorted(t for t in task_map.values() if not 0 <= t < self.usable_task_ids)
         if bad:
-            raise ValueError(f"task ids {bad} do not fit task_slots={self.task_slots}")
+            raise ValueError(
+                f"task ids {bad} do not fit task_slots={self.task_slots} (task ids 0..{self.usable_task_ids - 1})"
+            )
         return SiteOwnership(
             tuple(sorted(set(task_map.values()))),
             tuple(sorted(mod_rows)),

@@ -81,7 +81,7 @@ def initial_model(config: ServerConfig) -> tuple[nn.Module, Catalog]:
         catalog = Catalog.from_dict(embedded)
     else:
         catalog = Catalog.load()
-    catalog.check_capacity(StateLayout.from_model(model).task_slots + 1)
+    catalog.check_capacity(StateLayout.from_model(model).task_slots)  # ids 0..task_slots-2, as the model
     return model.eval(), catalog
 
 

@@ -1,0 +1,262 @@
+"""Training without Flower, for the two baselines of a simulated federation.
+
+Both reuse the site code of the federation (:class:`client.site.Site`): the same data, preprocessing,
+training engine, recipe, schedule and sliding-window evaluation.
+
+- :func:`run_local_only`: each site trains alone. It is FedAvg with one site: every round the site
+  trains ``local_iterations`` steps from its own weights of the previous round (its optimiser state kept
+  on its disk), so each site makes the same number of local steps as in the federated run, and it is
+  evaluated on its own validation split.
+- :func:`run_centralized`: one model on the POOLED training splits of all sites, with the batch size of
+  all sites together (the sum of their batch sizes) for ``rounds x local_iterations`` steps: the same
+  number of training samples and the same learning-rate schedule as the federated run. Each dataset is
+  drawn with probability proportional to its site's batch size times its sample weight within its site,
+  as the federated round does in expectation. It is evaluated on every site's validation split.
+
+Both write ``metrics.jsonl`` lines in the server's format (``phase`` train/evaluate, ``scope`` site, the
+site's metrics), so the report code is the same for every mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.dataset import PreprocessedDataset
+from client.local_training import TrainData, resolve_devices, train_local
+from client.site import RoundRequest, Site
+from hermes_model.catalog import Catalog
+from hermes_model.engine import EngineConfig, TrainEngine
+from hermes_model.exchange import NUM_EXAMPLES, StateLayout
+from hermes_model.factory import build_model, model_checkpoint
+from hermes_model.fileio import atomic_torch_save
+from server.bank import PriorBank, SiteOwnership, parse_site_datasets
+from server.config import ServerConfig
+from server.runner import initial_model
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CENTRALIZED_SITE = "centralized"
+
+
+@dataclass
+class Federation:
+    """The sites of a run registered the way the server registers them (sorted by site name).
+
+    Attributes:
+        config: the server settings of the run.
+        model: the round-0 model (the federated run's initial weights).
+        catalog: the catalog with the sites' new datasets registered.
+        sites: the sites, by name.
+        ownership: site name -> its task ids, modality rows and task map.
+    """
+
+    config: ServerConfig
+    model: nn.Module
+    catalog: Catalog
+    sites: dict[str, Site]
+    ownership: dict[str, SiteOwnership]
+
+    def model_spec(self) -> dict[str, Any]:
+        layout = StateLayout.from_model(self.model)
+        spec = dict(getattr(self.model, "hermes_config", {"name": self.config.model}))
+        spec.update(task_slots=layout.task_slots, modality_slots=layout.modality_slots)
+        return spec
+
+    def request(self, site: str, model: nn.Module, server_round: int) -> RoundRequest:
+        """The train/evaluate request the server would send ``site`` with the weights of ``model``."""
+        own = self.ownership[site]
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        layout = StateLayout.from_state_dict(state)
+        iterations = self.config.local_iterations
+        return RoundRequest(
+            server_round=server_round,
+            backbone=layout.backbone(state).float(),
+            task_rows=layout.task_rows(state, own.task_ids).float(),
+            modality_rows=layout.modality_rows(state, own.modality_rows).float(),
+            task_row_ids=own.task_ids,
+            modality_row_ids=own.modality_rows,
+            model=self.model_spec(),
+            task_map=dict(own.task_map),
+            engine=self.config.engine_config(),
+            local_iterations=iterations,
+            schedule_iteration=(server_round - 1) * iterations,
+            seed=self.config.seed,
+        )
+
+
+def build_federation(config: ServerConfig, site_paths: Sequence[str | os.PathLike]) -> Federation:
+    """The round-0 model and catalog of ``config`` with the sites at ``site_paths`` registered."""
+    model, catalog = initial_model(config)
+    layout = StateLayout.from_model(model)
+    bank = PriorBank(layout.task_slots, layout.modality_slots)
+    sites = {s.name: s for s in (Site.from_path(p, catalog=catalog) for p in site_paths)}
+    ownership = {}
+    for name in sorted(sites):
+        summaries = json.dumps([d.to_dict() for d in sites[name].describe()])
+        ownership[name] = bank.register_site(name, parse_site_datasets(summaries), catalog)
+    return Federation(config, model, catalog, sites, ownership)
+
+
+def _load_reply(model: nn.Module, request: RoundRequest, reply: Any) -> None:
+    state = model.state_dict()
+    layout = StateLayout.from_state_dict(state)
+    layout.load_backbone(state, reply.backbone.float())
+    layout.load_task_rows(state, request.task_row_ids, reply.task_rows.float())
+    layout.load_modality_rows(state, request.modality_row_ids, reply.modality_rows.float())
+
+
+def _line(server_round: int, phase: str, site: str, metrics: Mapping[str, float]) -> dict[str, Any]:
+    return {"round": server_round, "phase": phase, "scope": "site", "site": site, "status": "ok",
+            **{k: float(v) for k, v in metrics.items()}}
+
+
+def append_metrics(run_dir: Path, lines: Sequence[Mapping[str, Any]]) -> None:
+    """Append JSON lines to ``<run_dir>/metrics.jsonl``."""
+    with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def _evaluate_round(config: ServerConfig, server_round: int) -> bool:
+    every = config.evaluate_every
+    return bool(every) and (server_round % every == 0 or server_round == config.num_server_rounds)
+
+
+def save_final_model(path: Path, model: nn.Module, catalog: Catalog, **extra: Any) -> Path:
+    """Write ``model`` as a hermes-fl model checkpoint (``hermes_model.load_checkpoint``) with its catalog."""
+    return atomic_torch_save(path, model_checkpoint(model.cpu().eval(), catalog=catalog.to_dict(), **extra))
+
+
+# ----------------------------------------------------------------------------------------------- local only
+def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, float]:
+    """Train every site alone (module docstring); write metric lines and ``models/<site>.pt``.
+
+    Returns:
+        Site name -> seconds of local training (sum over rounds).
+    """
+    run_dir = Path(run_dir)
+    train_seconds: dict[str, float] = {}
+    for name in sorted(fed.sites):
+        site, model = fed.sites[name], copy.deepcopy(fed.model)
+        train_seconds[name] = 0.0
+        for server_round in range(1, fed.config.num_server_rounds + 1):
+            request = fed.request(name, model, server_round)
+            reply = site.train(request)
+            train_seconds[name] += float(reply.metrics.get("train-time-s", 0.0))
+            _load_reply(model, request, reply)
+            lines = [_line(server_round, "train", name, reply.metrics)]
+            if _evaluate_round(fed.config, server_round):
+                metrics = site.evaluate(fed.request(name, model, server_round))
+                lines.append(_line(server_round, "evaluate", name, metrics))
+            append_metrics(run_dir, lines)
+            logger.info("local-only %s: round %d/%d done", name, server_round, fed.config.num_server_rounds)
+        save_final_model(run_dir / "models" / f"{name}.pt", model, fed.catalog, site=name, mode="local-only")
+    return train_seconds
+
+
+# ----------------------------------------------------------------------------------------------- centralized
+def pooled_datasets(fed: Federation, split: str = "train") -> list[PreprocessedDataset]:
+    """Every site's preprocessed datasets (``split``), each dataset's sample weight scaled so a site's
+    datasets together weigh as much as its batch size."""
+    out = []
+    for name in sorted(fed.sites):
+        site, own = fed.sites[name], fed.ownership[name]
+        site.ensure_preprocessed()
+        ids = site.task_ids(own.task_map)
+        weights = {ds.name: ds.resolved_weights(fed.catalog)[0] for ds in site.config.datasets}
+        total = sum(weights.values())
+        batch = site.config.training.batch_size
+        for ds in site.config.datasets:
+            folder = site.config.preprocessed_dir / ds.name
+            weight = batch * weights[ds.name] / total
+            out.append(PreprocessedDataset.open(folder, ids[ds.name], split=split, sample_weight=weight))
+    return out
+
+
+def _pooled_data(fed: Federation, server_round: int) -> TrainData:
+    sites = [fed.sites[n] for n in sorted(fed.sites)]
+    patch = {tuple(s.config.training.patch_size) for s in sites}
+    if len(patch) != 1:
+        raise ValueError(f"centralized training needs one patch_size for all sites, got {sorted(patch)}")
+    first = sites[0].config.training
+    return TrainData(
+        datasets=tuple(pooled_datasets(fed)),
+        patch_size=tuple(reversed(first.patch_size)),
+        batch_size=sum(s.config.training.batch_size for s in sites),
+        seed=fed.config.seed + first.seed,
+        num_workers=first.num_workers,
+        foreground_prob=first.foreground_oversample,
+        start_epoch=server_round - 1,
+    )
+
+
+def _engine_config(fed: Federation, device: torch.device) -> EngineConfig:
+    first = fed.sites[sorted(fed.sites)[0]].config.training
+    cuda = device.type == "cuda"
+    values: dict[str, Any] = {
+        "lr": first.lr, "weight_decay": first.weight_decay, **fed.config.engine_config()
+    }
+    values["precision"] = "bf16" if first.bf16 and cuda and torch.cuda.is_bf16_supported() else "fp32"
+    values["channels_last"] = bool(first.channels_last and cuda)
+    return EngineConfig.from_dict(values)
+
+
+def run_centralized(
+    fed: Federation, run_dir: str | os.PathLike, devices: Sequence[torch.device] | None = None
+) -> tuple[nn.Module, float]:
+    """Train one model on the pooled training splits (module docstring); write metric lines.
+
+    Args:
+        devices: training devices (default: every GPU, else the CPU); several devices train with DDP.
+
+    Returns:
+        The trained model (on the CPU) and the seconds of training (sum over rounds).
+    """
+    run_dir = Path(run_dir)
+    devices = list(devices) if devices is not None else resolve_devices("auto")
+    multi = len(devices) > 1
+    engine = TrainEngine(copy.deepcopy(fed.model), _engine_config(fed, devices[0]),
+                         torch.device("cpu") if multi else devices[0])
+    spec = fed.model_spec()
+    factory: Callable[[], nn.Module] = _Factory(spec)
+    iterations, seconds = fed.config.local_iterations, 0.0
+    scratch = run_dir / "centralized_state"
+    for server_round in range(1, fed.config.num_server_rounds + 1):
+        engine.iteration = (server_round - 1) * iterations
+        start = time.perf_counter()
+        result = train_local(engine, factory, _pooled_data(fed, server_round), iterations, devices,
+                             scratch_dir=scratch)
+        took = time.perf_counter() - start
+        seconds += took
+        metrics = {NUM_EXAMPLES: result.samples, **result.metrics(), "train-time-s": took}
+        lines = [_line(server_round, "train", CENTRALIZED_SITE, metrics)]
+        if _evaluate_round(fed.config, server_round):
+            lines += [_line(server_round, "evaluate", name, fed.sites[name].evaluate(
+                fed.request(name, engine.model, server_round))) for name in sorted(fed.sites)]
+        append_metrics(run_dir, lines)
+        logger.info("centralized: round %d/%d done (%.1f s)", server_round, fed.config.num_server_rounds,
+                    took)
+    return engine.model.cpu().eval(), seconds
+
+
+@dataclass(frozen=True)
+class _Factory:
+    """Picklable ``build_model`` call (for the DDP processes)."""
+
+    spec: Mapping[str, Any]
+
+    def __call__(self) -> nn.Module:
+        spec = dict(self.spec)
+        return build_model(spec.pop("name"), **spec)
