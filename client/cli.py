@@ -4,6 +4,12 @@ Subcommands:
     preprocess --site FILE.yaml [--workers N] [--no-progress]
         Validate the site config (all problems at once), preprocess every case (resumable), print the
         summary. Exit status: 0 all cases done or up to date, 1 some case failed, 2 invalid config.
+    start --site FILE.yaml --server HOST:PORT [--insecure] [--root-certificates CA.crt]
+          [--auth-key KEY] [--port 9094]
+        Start this site's Flower SuperNode (``flower-supernode``) connected to the server's SuperLink;
+        it runs the site's ClientApp whenever the server sends work, until Ctrl-C. Root certificate and
+        auth key come from the site config (``root_certificates``, ``auth_private_key``) unless given.
+        Exit status: 0 stopped on request, 2 invalid config or arguments, else the SuperNode's status.
 """
 
 from __future__ import annotations
@@ -34,6 +40,25 @@ def _preprocess(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_CASES_FAILED
 
 
+def _start(args: argparse.Namespace) -> int:
+    from client.launch import run_supernode, start_supernode
+
+    try:
+        handle = start_supernode(args.site, args.server, insecure=args.insecure,
+                                 root_certificates=args.root_certificates, auth_private_key=args.auth_key,
+                                 port=args.port)
+    except ValueError as exc:  # SiteConfigError, bad address, missing key files
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_supernode(handle)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {text!r}")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -54,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_preprocess)
+    start = sub.add_parser("start", help="start this site's Flower SuperNode (runs the ClientApp)")
+    start.add_argument("--site", required=True, help="site config YAML file")
+    start.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's SuperLink address")
+    start.add_argument("--insecure", action="store_true", help="no TLS (only against an insecure SuperLink)")
+    start.add_argument("--root-certificates", default=None, metavar="CA.crt",
+                       help="the federation's CA certificate (default: root_certificates of the site config)")
+    start.add_argument("--auth-key", default=None, metavar="KEY",
+                       help="the site's private key for SuperNode authentication (default: auth_private_key "
+                            "of the site config; none: no authentication)")
+    start.add_argument("--port", type=_port, default=9094,
+                       help="ClientApp runtime API port of this SuperNode (default 9094; one per SuperNode "
+                            "on a host)")
+    start.set_defaults(func=_start)
     return parser
 
 

@@ -323,12 +323,20 @@ class SiteConfig(BaseModel):
         min_size: every axis is padded to at least this many voxels, [x, y, z] or one number.
         interpolation: image interpolator for resampling (labels always use nearest neighbour).
         training: :class:`TrainingSettings`.
+        root_certificates: the federation's CA certificate (PEM) that verifies the server's TLS
+            certificate (``hermes-client start``; relative to the yaml file; ``None``: give it on the
+            command line or run ``--insecure``).
+        auth_private_key: the site's private key (OpenSSH, NIST EC curve such as P-384) for SuperNode
+            authentication (``hermes-client start``; relative to the yaml file; ``None``: no
+            authentication unless given on the command line).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     site: str
     work_dir: Path
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
     datasets: list[DatasetConfig] = Field(min_length=1)
     target_spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     margin: int = Field(default=20, ge=0)
@@ -350,6 +358,12 @@ class SiteConfig(BaseModel):
     def _work_dir(cls, v: Path, info: ValidationInfo) -> Path:
         base = (info.context or {}).get("base_dir")
         return (Path(base) / v if base is not None else v).resolve()
+
+    @field_validator("root_certificates", "auth_private_key")
+    @classmethod
+    def _relative_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")
+        return None if v is None else (Path(base) / v if base is not None else v).resolve()
 
     @field_validator("target_spacing", mode="before")
     @classmethod

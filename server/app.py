@@ -24,6 +24,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume, with run-config ``resume = true``) the federation on ``grid``."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # httpx logs every request at INFO; Flower ships log lines to the SuperLink by more requests,
+        # which would log again: a feedback loop of several pushes per second for the whole run.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     config = ServerConfig.from_run_config(dict(context.run_config))
     result = run_federation(grid, config)
     logger.info("federation finished after round %d; checkpoints in %s", result.last_round, config.run_dir)

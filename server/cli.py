@@ -1,7 +1,10 @@
-"""``hermes-server``: ``keys`` (CA, server certificate, one P-384 OpenSSH key pair per site) and ``start``.
+"""``hermes-server``: ``keys`` (CA, server certificate, one P-384 OpenSSH key pair per site), ``start`` and
+``report``.
 
-``start`` validates the server config; launching ``flower-superlink`` and submitting the run is not
-implemented yet (use ``flwr run . <connection> --run-config ...`` with the printed run config).
+``start --config server.yaml`` starts ``flower-superlink`` (TLS with the files of ``keys`` unless
+``--insecure``; ``--enable-supernode-auth`` registers every site public key; ``--database`` keeps its
+state), submits the federated run with ``flwr run`` (the run config is the server yaml), streams the
+run's logs and stops the SuperLink by PID when the run ends or on Ctrl-C (see ``server.launch``).
 """
 
 from __future__ import annotations
@@ -166,9 +169,24 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--site", action="append", default=[], help="site name (repeat for each site)")
     keys.add_argument("--host", action="append", default=[], help="extra host name or IP the sites dial")
     keys.add_argument("--force", action="store_true", help="replace existing files")
-    start = sub.add_parser("start", help="validate the server config (launching the SuperLink: not yet)")
-    start.add_argument("--config", required=True, help="server yaml (run-config keys)")
+    start = sub.add_parser("start", help="start the SuperLink, submit the run, follow it, stop the SuperLink")
+    start.add_argument("--config", required=True,
+                       help="server yaml (run-config keys; relative paths are relative to its folder)")
     start.add_argument("--resume", action="store_true", help="continue the run in run-dir")
+    start.add_argument("--keys", default=None, metavar="DIR",
+                       help="output folder of 'hermes-server keys' (default: keys/ beside the server yaml)")
+    start.add_argument("--insecure", action="store_true", help="no TLS (trusted test networks only)")
+    start.add_argument("--enable-supernode-auth", action="store_true",
+                       help="admit only SuperNodes whose public key is registered (needs TLS)")
+    start.add_argument("--site-key", action="append", default=[], metavar="SITE.pub",
+                       help="a site public key to register, named after the file (repeat; default with "
+                            "--enable-supernode-auth: every KEYS/sites/*.pub)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address to serve on (default 127.0.0.1; 0.0.0.0 for remote sites)")
+    start.add_argument("--port", type=int, default=8000, help="the SuperLink's one port (default 8000)")
+    start.add_argument("--database", default=None, metavar="FILE.db",
+                       help="SQLite file of the SuperLink's state (default: in memory)")
+    start.add_argument("--no-stream", action="store_true", help="do not stream the run's logs")
     report = sub.add_parser(
         "report", help="prior-bank report of a run: prior similarity heatmaps, ownership, metric curves"
     )
@@ -205,18 +223,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args)
-        from server.config import ServerConfig
-
-        config = ServerConfig.from_yaml(args.config, **({"resume": True} if args.resume else {}))
-        print(
-            "server config is valid; run it with: flwr run . <connection> --run-config "
-            f"'{' '.join(f'{k}={json.dumps(v)}' for k, v in config.to_run_config().items())}'"
-        )
-        print("launching flower-superlink from hermes-server is not implemented yet", file=sys.stderr)
-        return 1
+        return _start(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _start(args: argparse.Namespace) -> int:
+    from server.config import ServerConfig
+    from server.launch import STATUS_COMPLETED, LaunchError, LaunchOptions, launch, resolve_config_paths
+
+    config_path = Path(args.config).resolve()
+    config = ServerConfig.from_yaml(config_path, **({"resume": True} if args.resume else {}))
+    config = resolve_config_paths(config, config_path.parent)
+    keys = None if args.insecure else Path(args.keys or config_path.parent / "keys").resolve()
+    options = LaunchOptions(
+        keys_dir=keys,
+        supernode_auth=args.enable_supernode_auth,
+        site_keys=tuple(Path(k).resolve() for k in args.site_key),
+        host=args.host,
+        port=args.port,
+        database=Path(args.database).resolve() if args.database else None,
+        stream_logs=not args.no_stream,
+    )
+    try:
+        info = launch(config, options)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the run was stopped and the SuperLink shut down", file=sys.stderr)
+        return 130
+    status = info.get("status")
+    print(json.dumps({"run-id": info.get("run-id"), "status": status, "details": info.get("status-details"),
+                      "run-dir": config.run_dir}))
+    return 0 if status == STATUS_COMPLETED else 1
 
 
 if __name__ == "__main__":

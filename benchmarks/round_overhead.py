@@ -1,0 +1,290 @@
+"""Per-round overhead of the federated exchange through real Flower processes on loopback.
+
+    python benchmarks/round_overhead.py                      # 2 and 4 sites, float32 and float16 wire
+    python benchmarks/round_overhead.py --sites 4 --wire float32 --rounds 3 --insecure
+
+For the published Hermes-R size (base 32, 72 task slots, 61 M parameters) it starts a SuperLink (TLS
+unless ``--insecure``), one SuperNode per site and submits the REAL ServerApp (``server.app:app``: the
+real strategy, reply validation, aggregation and round checkpoints) with ``evaluate-every 0``. The sites
+run the benchmark-only ClientApp ``echo_app`` below instead of the real one, because the real ClientApp
+always trains (``local-iterations`` >= 1) and training is what this benchmark leaves out: ``echo_app``
+answers the ``query`` like a site holding one catalog dataset, and answers ``train`` by sending back the
+arrays it received, shifted by a small per-site constant (so that, like trained weights, they differ from
+what the SuperLink already stores) and passed through the same conversions as ``client.app`` (numpy ->
+float32 torch -> ``hermes_model.exchange.to_wire`` -> ``flwr.app.Array``), with ``num-examples`` and the
+protocol's metrics.
+
+So a round's time (``round-time-s`` of ``metrics.jsonl``: configure, serialise, send, ClientApp process
+start, receive, validate, aggregate; not the checkpoint) is the overhead one round adds to local training.
+Round 1 also pays for each SuperNode installing the app; rounds 2+ are reported as the steady state.
+
+Prints one JSON line per configuration: bytes each site receives and sends per round (the array payload,
+computed from the model layout; and Flower's own network-traffic counter of the run, per site and round),
+round times, the peak resident memory (VmHWM) of the SuperLink, SuperNode, ServerApp and ClientApp
+processes and the CPU seconds each role used over the whole run (sampled from ``/proc`` every 0.2 s),
+and the machine's load average before and after (other work on the machine stretches the round times;
+the CPU seconds do not depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from hermes_model.catalog import Catalog
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    MODALITY_ROW_IDS,
+    MODALITY_ROWS,
+    NUM_EXAMPLES,
+    SITE_RECORD,
+    TASK_ROW_IDS,
+    TASK_ROWS,
+    to_wire,
+)
+
+logger = logging.getLogger("round_overhead")
+
+BENCH_SITE_KEY = "bench-site"  # SuperNode node config: index of the catalog dataset this site holds
+SITE_DATASETS = ("lits", "kits", "amos_ct", "amos_mr", "bcv", "structseg_oar")
+ARRAY_NAMES = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
+ROLES = {"flower-superlink": "superlink", "flower-supernode": "supernode", "flwr-serverapp": "serverapp",
+         "flwr-clientapp": "clientapp", "flower-superexec": "superexec"}
+
+# ------------------------------------------------------------------------------------------------ echo_app
+echo_app = ClientApp()
+
+
+@echo_app.query()
+def echo_query(msg: Message, context: Context) -> Message:
+    """Describe a site holding catalog dataset ``SITE_DATASETS[bench-site]`` (no data behind it)."""
+    index = int(context.node_config[BENCH_SITE_KEY])
+    name = SITE_DATASETS[index]
+    entry = Catalog.from_dict(json.loads(msg.content[CONFIG_RECORD]["catalog"])).dataset(name)
+    datasets = [{"name": name, "modality": entry.modality,
+                 "classes": {str(k): v for k, v in entry.classes.items()}, "num_train_cases": 10}]
+    record = ConfigRecord({"name": f"bench-{index}", "datasets": json.dumps(datasets)})
+    return Message(RecordDict({SITE_RECORD: record}), reply_to=msg)
+
+
+@echo_app.train()
+def echo_train(msg: Message, context: Context) -> Message:
+    """Send the received arrays back, each value shifted by a small per-site constant (no training).
+
+    The conversions are those of ``client.app``. The shift matters: Flower stores objects by content
+    hash and skips uploading bytes the SuperLink already holds, so byte-identical echoes would hide the
+    upload that real (trained, hence different) weights cost.
+    """
+    start = time.perf_counter()
+    arrays, config = msg.content[ARRAYS_RECORD], msg.content[CONFIG_RECORD]
+    wire = str(config["wire-dtype"])
+    shift = 1e-3 * (1 + int(context.node_config[BENCH_SITE_KEY]))
+    out = {}
+    for name in ARRAY_NAMES:
+        tensor = torch.from_numpy(np.array(arrays[name].numpy(), dtype=np.float32)).add_(shift)
+        out[name] = Array(to_wire(tensor, wire).numpy())
+    content = RecordDict({
+        ARRAYS_RECORD: ArrayRecord(out),
+        CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(config[TASK_ROW_IDS]),
+                                     MODALITY_ROW_IDS: list(config[MODALITY_ROW_IDS])}),
+        METRICS_RECORD: MetricRecord({NUM_EXAMPLES: 2, "loss": 1.0, "bce": 0.5, "dice": 0.5,
+                                      "modality-acc": 1.0, "train-time-s": time.perf_counter() - start}),
+    })
+    return Message(content, reply_to=msg)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class ProcessSampler:
+    """Samples every process started by the given roots from ``/proc``, by role: the peak resident set
+    (VmHWM, KiB) and the CPU seconds used (user + system; a process's last sample before it exits)."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.roots: list[Any] = []  # server.launch.ManagedProcess
+        self.peak_kib: dict[str, int] = {}
+        self._cpu_ticks: dict[int, tuple[str, int]] = {}
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProcessSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        pids = {pid for root in list(self.roots) for pid in root.members()}
+        for proc in (Path(f"/proc/{pid}") for pid in pids):
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks = int(stat[11]) + int(stat[12])
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                hwm = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                           if line.startswith("VmHWM:"))
+            except (OSError, ValueError, IndexError, StopIteration):
+                continue
+            role = next((r for key, r in ROLES.items() if key in cmd), None)
+            if role is not None:
+                self.peak_kib[role] = max(self.peak_kib.get(role, 0), hwm)
+                self._cpu_ticks[int(proc.name)] = (role, ticks)
+
+    def mib(self) -> dict[str, float]:
+        return {role: round(kib / 1024, 1) for role, kib in sorted(self.peak_kib.items())}
+
+    def cpu_s(self) -> dict[str, float]:
+        total: dict[str, int] = {}
+        for role, ticks in self._cpu_ticks.values():
+            total[role] = total.get(role, 0) + ticks
+        return {role: round(t / self._tick, 1) for role, t in sorted(total.items())}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def payload_bytes(num_sites: int, wire: str) -> list[dict[str, int]]:
+    """Per site: bytes of the arrays it receives and sends in one round (both the same by design)."""
+    from hermes_model import build_model
+    from hermes_model.catalog import modality_id, modality_row
+    from hermes_model.exchange import StateLayout
+
+    model = build_model("hermes-r", base_channels=32, task_slots=72, modality_slots=6)
+    layout = StateLayout.from_model(model)
+    catalog = Catalog.load()
+    size = 4 if wire == "float32" else 2
+    out = []
+    for index in range(num_sites):
+        entry = catalog.dataset(SITE_DATASETS[index])
+        rows = len(entry.task_ids) * layout.task_row_size + len(
+            {modality_row(modality_id(entry.modality), layout.modality_slots)}) * layout.modality_row_size
+        n = (layout.backbone_size + rows) * size
+        out.append({"site": f"bench-{index}", "receives": n, "sends": n})
+    return out
+
+
+def start_sites(link: Any, num_sites: int, root: Path, tls: Any) -> list[Any]:
+    from server.launch import ManagedProcess, flower_env, flower_executable
+
+    nodes = []
+    for index in range(num_sites):
+        args = [flower_executable("flower-supernode"), "--superlink", link.address,
+                "--port", str(free_port()), "--node-config", f"{BENCH_SITE_KEY}={index}"]
+        args += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
+        home = root / f"site-{index}"
+        nodes.append(ManagedProcess(args, env=flower_env(home / "flwr-home"), cwd=root,
+                                    log_path=home / "supernode.log"))
+    return nodes
+
+
+def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path) -> dict[str, Any]:
+    """One configuration: a fresh SuperLink, ``num_sites`` SuperNodes, ``rounds`` rounds."""
+    from server.checkpoint import RunStore
+    from server.cli import write_keys
+    from server.config import ServerConfig
+    from server.launch import TlsFiles, stage_app, start_superlink
+
+    root.mkdir(parents=True)
+    tls = None
+    if not insecure:
+        write_keys(root / "keys", [])
+        tls = TlsFiles.from_keys_dir(root / "keys")
+    config = ServerConfig(
+        num_server_rounds=rounds, min_sites=num_sites, min_sites_per_round=num_sites, local_iterations=1,
+        evaluate_every=0, wire_dtype=wire, base_channels=32, task_slots=72, modality_slots=6,
+        run_dir=str(root / "run"), keep_checkpoints=1, round_timeout_s=900.0, start_timeout_s=300.0,
+        query_timeout_s=300.0, poll_interval_s=0.5,
+    )
+    app = stage_app(root / "app", config.to_run_config(), clientapp="round_overhead:echo_app",
+                    extra_files={"round_overhead.py": Path(__file__).resolve()})
+    load_before = os.getloadavg()[0]
+    with ProcessSampler() as memory:
+        link = start_superlink(root / "superlink", port=free_port(), tls=tls)
+        memory.roots.append(link.process)
+        nodes: list[Any] = []
+        try:
+            nodes = start_sites(link, num_sites, root, tls)
+            memory.roots.extend(nodes)
+            t0 = time.monotonic()
+            run_id = link.submit_run(app)
+            info = link.wait_for_run(run_id, timeout_s=3600.0, poll_s=2.0)
+            wall = time.monotonic() - t0
+            log = link.flwr("log", str(run_id), link.connection, "--show", timeout_s=120.0).stdout
+            (root / "serverapp.log").write_text("".join(  # the ServerApp's log, without httpx's request lines
+                line for line in log.splitlines(keepends=True) if " httpx: " not in line))
+        finally:
+            for process in [*nodes, link.process]:
+                process.terminate()
+            for process in [*nodes, link.process]:
+                process.stop(20.0)
+    if info["status"] != "finished:completed":
+        raise RuntimeError(f"run {run_id} ended {info['status']}: {info.get('status-details')}")
+    metrics = RunStore(root / "run").read_metrics()
+    times = [m["round-time-s"] for m in metrics if m["scope"] == "aggregate" and m["phase"] == "train"]
+    traffic = info.get("network-traffic", {})
+    per_site_round = {k: round(v / (num_sites * rounds)) for k, v in traffic.items()}
+    steady = times[1:] or times
+    return {
+        "sites": num_sites, "wire": wire, "tls": not insecure, "rounds": rounds,
+        "round_time_s": times, "round_time_s_steady_mean": round(statistics.mean(steady), 2),
+        "payload_bytes_per_site_round": payload_bytes(num_sites, wire),
+        "flower_traffic_bytes_per_site_round": per_site_round,
+        "run_wall_s": round(wall, 1), "peak_rss_mib": memory.mib(),
+        "cpu_s_whole_run": memory.cpu_s(), "cpus": os.cpu_count(),
+        "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4], help="numbers of sites (<= 6)")
+    parser.add_argument("--wire", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration (>= 2)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS")
+    parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temp folder)")
+    args = parser.parse_args(argv)
+    if any(not 1 <= n <= len(SITE_DATASETS) for n in args.sites):
+        parser.error(f"--sites values must be in 1..{len(SITE_DATASETS)}, got {args.sites}")
+    if args.rounds < 2:
+        parser.error(f"--rounds must be >= 2 (round 1 includes app installation), got {args.rounds}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
+        base = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
+        for sites in args.sites:
+            for wire in args.wire:
+                result = bench(sites, wire, args.rounds, args.insecure, base / f"{sites}-sites-{wire}")
+                print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
