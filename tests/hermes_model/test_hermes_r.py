@@ -137,7 +137,7 @@ def test_empty_task_list_is_rejected(golden_model):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="available: \\['hermes-r'"):
+    with pytest.raises(ValueError, match="available: \\['hermes-m', 'hermes-r'\\]"):
         build_model("hermes-x")
 
 
