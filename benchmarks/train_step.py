@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     result = {
-        "model": args.model, "base": args.base if "base_channels" in kwargs else None, "patch": args.patch, "batch": args.batch,
+        "model": args.model, "base": args.base if "base_channels" in kwargs else None,
+        "patch": args.patch, "batch": args.batch,
         "precision": precision, "channels_last": channels_last, "compile": args.compile,
         "optimizer": args.optimizer, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
