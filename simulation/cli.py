@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hermes_model.factory import available_models
 from simulation.compare import COMPARE_PNG, format_comparison, load_runs, write_comparison
 from simulation.run import SimOptions, describe, run_mode
 
@@ -31,7 +32,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "same number of rounds of --local-iterations steps")
     parser.add_argument("--local-iterations", type=int, default=None,
                         help="optimiser steps per site per round (default 20; --quick: 10)")
-    parser.add_argument("--base-channels", type=int, default=8, help="network width (default 8)")
+    parser.add_argument("--model", default="hermes-r", choices=available_models(),
+                        help="the network (default hermes-r)")
+    parser.add_argument("--base-channels", type=int, default=8, help="Hermes-R width (default 8)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="folder for everything of the run (default: a new folder under runs/)")
     parser.add_argument("--gpus-per-site", type=float, default=None,
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> SimOptions:
     return SimOptions(
         sites=list(args.sites), rounds=args.rounds, local_iterations=args.local_iterations,
-        base_channels=args.base_channels, run_dir=args.run_dir, cpus_per_site=args.cpus_per_site,
+        model=args.model, base_channels=args.base_channels, run_dir=args.run_dir, cpus_per_site=args.cpus_per_site,
         gpus_per_site=args.gpus_per_site, evaluate_every=args.evaluate_every, seed=args.seed, lr=args.lr,
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
     )

@@ -60,7 +60,8 @@ class SimOptions:
         rounds: federated rounds (local-only and centralized: the same number of rounds of
             ``local_iterations`` steps).
         local_iterations: optimiser steps per site per round.
-        base_channels: width of the network.
+        model: the network (a name of ``hermes_model.available_models()``).
+        base_channels: width of the network (Hermes-R; Hermes-M has fixed widths).
         run_dir: the run directory (default: a new folder under ``runs/``).
         cpus_per_site / gpus_per_site: resources of one virtual site (Ray); ``gpus_per_site`` None =
             automatic (the visible GPUs shared by the sites, at most one each; 0 without a GPU).
@@ -77,6 +78,7 @@ class SimOptions:
     sites: list[Path] = field(default_factory=list)
     rounds: int | None = None
     local_iterations: int | None = None
+    model: str = "hermes-r"
     base_channels: int = DEFAULT_BASE_CHANNELS
     run_dir: Path | None = None
     cpus_per_site: float = 1.0
@@ -183,6 +185,7 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         evaluate_every=opts.evaluate_every,
         run_dir=str(run_dir),
         resume=opts.resume,
+        model=opts.model,
         base_channels=opts.base_channels,
         task_slots=task_slots_for(staged),
         seed=opts.seed,
@@ -227,6 +230,7 @@ def _summary(mode: str, opts: SimOptions, config: ServerConfig, staged: Sequence
         "site_configs": [str(s.source) for s in staged],
         "rounds": config.num_server_rounds,
         "local_iterations": config.local_iterations,
+        "model": config.model,
         "base_channels": config.base_channels,
         "task_slots": config.task_slots,
         "seed": config.seed,
