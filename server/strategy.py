@@ -19,7 +19,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,8 +239,20 @@ class HermesStrategy(Strategy):
     def _collect_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[list[TrainUpdate], list[str]]:
+        updates, drops = self._valid_replies(
+            server_round, "train", replies,
+            lambda msg, sent, src, site: parse_train_reply(msg, sent or Sent(src, site, (), ()), self.layout),
+        )
+        return [updates[s] for s in sorted(updates)], drops
+
+    def _valid_replies(
+        self, server_round: int, phase: str, replies: Iterable[Message], parse: Callable[..., Any]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Parse every reply with ``parse(msg, sent, src, site)``; a rejected reply (or one from a node
+        not sent a message, or a second reply) is dropped and counted. Returns ({site: parsed}, drop
+        reasons) and starts this round's metrics lines with one line per site."""
         self.round_lines = []
-        updates: dict[str, TrainUpdate] = {}
+        parsed: dict[str, Any] = {}
         drops: list[str] = []
         seen: set[int] = set()
         for msg in replies:
@@ -252,23 +264,17 @@ class HermesStrategy(Strategy):
                     raise ReplyRejected(
                         "unexpected-sender", f"node {src} was not sent a message or replied twice"
                     )
-                update = parse_train_reply(msg, sent or Sent(src, site, (), ()), self.layout)
+                result = parse(msg, sent, src, site)
             except ReplyRejected as rej:
-                self._drop(server_round, "train", site, rej, drops)
+                self._drop(server_round, phase, site, rej, drops)
                 continue
             seen.add(src)
-            updates[site] = update
+            parsed[site] = result
             self.round_lines.append(
-                {
-                    "round": server_round,
-                    "phase": "train",
-                    "scope": "site",
-                    "site": site,
-                    "status": "ok",
-                    **update.metrics,
-                }
+                {"round": server_round, "phase": phase, "scope": "site", "site": site, "status": "ok",
+                 **result.metrics}
             )
-        return [updates[s] for s in sorted(updates)], drops
+        return parsed, drops
 
     def _drop(self, server_round: int, phase: str, site: str, rej: ReplyRejected, drops: list[str]) -> None:
         logger.warning("round %d: dropped the %s reply of site %r (%s)", server_round, phase, site, rej)
@@ -350,33 +356,9 @@ class HermesStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted means (by num-examples) of every metric, e.g. ``dice-mean`` and ``dice/<ds>/<class>``
         (each over the sites that report it); None when no reply is valid."""
-        self.round_lines = []
-        results, drops, seen = {}, [], set()
-        for msg in replies:
-            src = msg.metadata.src_node_id
-            sent = self._sent.get(src)
-            site = sent.site if sent else f"node-{src}"
-            try:
-                if not msg.has_error() and (sent is None or src in seen):
-                    raise ReplyRejected(
-                        "unexpected-sender", f"node {src} was not sent a message or replied twice"
-                    )
-                result = parse_evaluate_reply(msg, site)
-            except ReplyRejected as rej:
-                self._drop(server_round, "evaluate", site, rej, drops)
-                continue
-            seen.add(src)
-            results[site] = result
-            self.round_lines.append(
-                {
-                    "round": server_round,
-                    "phase": "evaluate",
-                    "scope": "site",
-                    "site": site,
-                    "status": "ok",
-                    **result.metrics,
-                }
-            )
+        results, drops = self._valid_replies(
+            server_round, "evaluate", replies, lambda msg, sent, src, site: parse_evaluate_reply(msg, site)
+        )
         if not results:
             logger.warning("round %d: no valid evaluate reply", server_round)
             return None
