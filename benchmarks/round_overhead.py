@@ -2,6 +2,7 @@
 
     python benchmarks/round_overhead.py                      # 2 and 4 sites, float32 and float16 wire
     python benchmarks/round_overhead.py --sites 4 --wire float32 --rounds 3 --insecure
+    python benchmarks/round_overhead.py --sites 4 --wire float32 --stock   # + stock Flower FedAvg baseline
 
 For the published Hermes-R size (base 32, 72 task slots, 61 M parameters) it starts a SuperLink (TLS
 unless ``--insecure``), one SuperNode per site and submits the REAL ServerApp (``server.app:app``: the
@@ -13,6 +14,11 @@ arrays it received, shifted by a small per-site constant (so that, like trained 
 what the SuperLink already stores) and passed through the same conversions as ``client.app`` (numpy ->
 float32 torch -> ``hermes_model.exchange.to_wire`` -> ``flwr.app.Array``), with ``num-examples`` and the
 protocol's metrics.
+
+``--stock`` adds the baseline for each ``--sites`` value: Flower's own FedAvg sending the same model's
+state dict as one ArrayRecord (405 Arrays, float32) to ``stock_echo_app``, a ClientApp doing what
+``echo_app`` does the way Flower's PyTorch quickstart converts arrays; its round times come from a FedAvg
+subclass timing configure -> aggregate.
 
 So a round's time (``round-time-s`` of ``metrics.jsonl``: configure, serialise, send, ClientApp process
 start, receive, validate, aggregate; not the checkpoint) is the overhead one round adds to local training.
@@ -45,6 +51,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from hermes_model.catalog import Catalog
 from hermes_model.exchange import (
@@ -111,6 +119,61 @@ def echo_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+# ------------------------------------------------------------------------------------------------ stock FedAvg
+# The baseline the exchange is judged against: Flower's own FedAvg with the model's state dict as one
+# ArrayRecord (one Array per tensor), as Flower's PyTorch quickstart does, and a ClientApp that sends the
+# arrays back shifted like ``echo_train``.
+STOCK_ROUND_TIMES = "stock_round_times.json"
+stock_server = ServerApp()
+stock_echo_app = ClientApp()
+
+
+class TimedFedAvg(FedAvg):
+    """FedAvg that records each round's seconds from configuring to aggregated (what our strategy's
+    ``round-time-s`` covers too)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.round_times: list[float] = []
+        self._round_start = 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Any:
+        self._round_start = time.perf_counter()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        result = super().aggregate_train(server_round, replies)
+        self.round_times.append(round(time.perf_counter() - self._round_start, 3))
+        return result
+
+
+@stock_server.main()
+def stock_main(grid: Grid, context: Context) -> None:
+    from hermes_model import build_model
+
+    config = context.run_config
+    sites = int(config["min-sites"])
+    torch.manual_seed(0)
+    model = build_model("hermes-r", base_channels=32, task_slots=72, modality_slots=6)
+    strategy = TimedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites,
+                           min_available_nodes=sites)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                   num_rounds=int(config["num-server-rounds"]))
+    run_dir = Path(str(config["run-dir"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOCK_ROUND_TIMES).write_text(json.dumps(strategy.round_times))
+
+
+@stock_echo_app.train()
+def stock_echo_train(msg: Message, context: Context) -> Message:
+    shift = 1e-3 * (1 + int(context.node_config[BENCH_SITE_KEY]))
+    state = msg.content["arrays"].to_torch_state_dict()
+    shifted = {name: tensor + shift if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    content = RecordDict({"arrays": ArrayRecord(shifted), "metrics": MetricRecord({NUM_EXAMPLES: 2})})
+    return Message(content, reply_to=msg)
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 class ProcessSampler:
     """Samples every process started by the given roots from ``/proc``, by role: the peak resident set
@@ -139,7 +202,10 @@ class ProcessSampler:
             self._stop.wait(self.interval_s)
 
     def sample(self) -> None:
-        pids = {pid for root in list(self.roots) for pid in root.members()}
+        from server.launch import proc_table, process_tree
+
+        table = proc_table()  # one walk of /proc per sample for all roots: the sampler's own CPU stays small
+        pids = {pid for root in list(self.roots) for pid in process_tree(root.pid, root.pgid, table)}
         for proc in (Path(f"/proc/{pid}") for pid in pids):
             try:
                 stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
@@ -170,13 +236,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def payload_bytes(num_sites: int, wire: str) -> list[dict[str, int]]:
-    """Per site: bytes of the arrays it receives and sends in one round (both the same by design)."""
+def payload_bytes(num_sites: int, wire: str, stock: bool = False) -> list[dict[str, int]]:
+    """Per site: bytes of the arrays it receives and sends in one round (both the same by design);
+    stock FedAvg sends the whole state dict."""
     from hermes_model import build_model
     from hermes_model.catalog import modality_id, modality_row
     from hermes_model.exchange import StateLayout
 
     model = build_model("hermes-r", base_channels=32, task_slots=72, modality_slots=6)
+    if stock:
+        n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return [{"site": f"bench-{index}", "receives": n, "sends": n} for index in range(num_sites)]
     layout = StateLayout.from_model(model)
     catalog = Catalog.load()
     size = 4 if wire == "float32" else 2
@@ -204,26 +274,47 @@ def start_sites(link: Any, num_sites: int, root: Path, tls: Any) -> list[Any]:
     return nodes
 
 
-def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path) -> dict[str, Any]:
-    """One configuration: a fresh SuperLink, ``num_sites`` SuperNodes, ``rounds`` rounds."""
-    from server.checkpoint import RunStore
-    from server.cli import write_keys
+def stage_bench_app(root: Path, num_sites: int, wire: str, rounds: int, stock: bool) -> Path:
+    """The Flower App of one configuration: our ServerApp + ``echo_app``, or stock FedAvg + its echo."""
     from server.config import ServerConfig
-    from server.launch import TlsFiles, stage_app, start_superlink
+    from server.launch import stage_app
 
-    root.mkdir(parents=True)
-    tls = None
-    if not insecure:
-        write_keys(root / "keys", [])
-        tls = TlsFiles.from_keys_dir(root / "keys")
+    extra = {"round_overhead.py": Path(__file__).resolve()}
+    if stock:
+        config = {"num-server-rounds": rounds, "min-sites": num_sites, "run-dir": str(root / "run")}
+        return stage_app(root / "app", config, serverapp="round_overhead:stock_server",
+                         clientapp="round_overhead:stock_echo_app", extra_files=extra)
     config = ServerConfig(
         num_server_rounds=rounds, min_sites=num_sites, min_sites_per_round=num_sites, local_iterations=1,
         evaluate_every=0, wire_dtype=wire, base_channels=32, task_slots=72, modality_slots=6,
         run_dir=str(root / "run"), keep_checkpoints=1, round_timeout_s=900.0, start_timeout_s=300.0,
         query_timeout_s=300.0, poll_interval_s=0.5,
     )
-    app = stage_app(root / "app", config.to_run_config(), clientapp="round_overhead:echo_app",
-                    extra_files={"round_overhead.py": Path(__file__).resolve()})
+    return stage_app(root / "app", config.to_run_config(), clientapp="round_overhead:echo_app",
+                     extra_files=extra)
+
+
+def round_times(run_dir: Path, stock: bool) -> list[float]:
+    if stock:
+        return [float(t) for t in json.loads((run_dir / STOCK_ROUND_TIMES).read_text())]
+    from server.checkpoint import RunStore
+
+    metrics = RunStore(run_dir).read_metrics()
+    return [m["round-time-s"] for m in metrics if m["scope"] == "aggregate" and m["phase"] == "train"]
+
+
+def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path, stock: bool = False
+          ) -> dict[str, Any]:
+    """One configuration: a fresh SuperLink, ``num_sites`` SuperNodes, ``rounds`` rounds."""
+    from server.cli import write_keys
+    from server.launch import TlsFiles, start_superlink
+
+    root.mkdir(parents=True)
+    tls = None
+    if not insecure:
+        write_keys(root / "keys", [])
+        tls = TlsFiles.from_keys_dir(root / "keys")
+    app = stage_bench_app(root, num_sites, wire, rounds, stock)
     load_before = os.getloadavg()[0]
     with ProcessSampler() as memory:
         link = start_superlink(root / "superlink", port=free_port(), tls=tls)
@@ -234,7 +325,7 @@ def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path) ->
             memory.roots.extend(nodes)
             t0 = time.monotonic()
             run_id = link.submit_run(app)
-            info = link.wait_for_run(run_id, timeout_s=3600.0, poll_s=2.0)
+            info = link.wait_for_run(run_id, timeout_s=3600.0, poll_s=10.0)  # each poll is a CPU-heavy `flwr ls`
             wall = time.monotonic() - t0
             log = link.flwr("log", str(run_id), link.connection, "--show", timeout_s=120.0).stdout
             (root / "serverapp.log").write_text("".join(  # the ServerApp's log, without httpx's request lines
@@ -246,15 +337,15 @@ def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path) ->
                 process.stop(20.0)
     if info["status"] != "finished:completed":
         raise RuntimeError(f"run {run_id} ended {info['status']}: {info.get('status-details')}")
-    metrics = RunStore(root / "run").read_metrics()
-    times = [m["round-time-s"] for m in metrics if m["scope"] == "aggregate" and m["phase"] == "train"]
+    times = round_times(root / "run", stock)
     traffic = info.get("network-traffic", {})
     per_site_round = {k: round(v / (num_sites * rounds)) for k, v in traffic.items()}
     steady = times[1:] or times
     return {
-        "sites": num_sites, "wire": wire, "tls": not insecure, "rounds": rounds,
+        "exchange": "stock-fedavg" if stock else "hermes", "sites": num_sites, "wire": wire,
+        "tls": not insecure, "rounds": rounds,
         "round_time_s": times, "round_time_s_steady_mean": round(statistics.mean(steady), 2),
-        "payload_bytes_per_site_round": payload_bytes(num_sites, wire),
+        "payload_bytes_per_site_round": payload_bytes(num_sites, wire, stock),
         "flower_traffic_bytes_per_site_round": per_site_round,
         "run_wall_s": round(wall, 1), "peak_rss_mib": memory.mib(),
         "cpu_s_whole_run": memory.cpu_s(), "cpus": os.cpu_count(),
@@ -270,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wire", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration (>= 2)")
     parser.add_argument("--insecure", action="store_true", help="no TLS")
+    parser.add_argument("--stock", action="store_true",
+                        help="also run stock Flower FedAvg (one Array per tensor, float32) per --sites value")
     parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temp folder)")
     args = parser.parse_args(argv)
     if any(not 1 <= n <= len(SITE_DATASETS) for n in args.sites):
@@ -280,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
         base = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
         for sites in args.sites:
-            for wire in args.wire:
-                result = bench(sites, wire, args.rounds, args.insecure, base / f"{sites}-sites-{wire}")
+            runs = [(wire, False) for wire in args.wire] + ([("float32", True)] if args.stock else [])
+            for wire, stock in runs:
+                name = f"{sites}-sites-{'stock' if stock else wire}"
+                result = bench(sites, wire, args.rounds, args.insecure, base / name, stock)
                 print(json.dumps(result), flush=True)
     return 0
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,6 +39,7 @@ from hermes_model.exchange import (
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
+    from_wire,
 )
 
 __all__ = ["SITE_CONFIG_KEY", "SITE_CONFIGS_KEY", "SiteError", "app", "load_site", "parse_request",
@@ -147,10 +147,10 @@ def _value(config: ConfigRecord, key: str, default: Any = None) -> Any:
 def _tensor(arrays: ArrayRecord, name: str) -> torch.Tensor:
     if name not in arrays:
         raise ProtocolError(f"array {name!r} is missing from {ARRAYS_RECORD!r}; it has {sorted(arrays)}")
-    array = arrays[name].numpy()
-    if array.dtype not in (np.float32, np.float16):
-        raise ProtocolError(f"array {name!r} must be float32 or float16, got {array.dtype}")
-    return torch.from_numpy(np.array(array, dtype=np.float32))
+    try:
+        return from_wire(arrays[name].data)  # read-only: the site copies it into its model
+    except ValueError as exc:
+        raise ProtocolError(f"array {name!r}: {exc}") from None
 
 
 def parse_request(msg: Message, train: bool) -> RoundRequest:

@@ -12,9 +12,13 @@ network with ``task_prior`` / ``modality_prior`` banks split the same way.
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Record and array names of the messages (the server and the ClientApp wrap them in Flower records).
@@ -153,6 +157,37 @@ class StateLayout:
         if len(set(index)) != len(index):
             raise ValueError(f"{kind} row ids repeat: {index}")
         return index
+
+
+def from_wire(npy: bytes) -> torch.Tensor:
+    """The float32 tensor of one received array: ``.npy`` bytes (how Flower's ``Array`` holds data).
+
+    A float32 array is NOT copied: the tensor is a read-only view of ``npy`` (never write to it; copy
+    it into a model or clone it). This saves one copy of every payload on both sides of the exchange.
+
+    Raises:
+        ValueError: not a complete ``.npy`` of float32 or float16 values (truncated, padded, another
+            dtype, object arrays, an unknown format version).
+    """
+    stream = io.BytesIO(npy)  # shares the bytes, no copy
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype not in (np.float32, np.float16):
+        raise ValueError(f"dtype {dtype} is not float32 or float16")
+    count, offset = math.prod(shape), stream.tell()
+    if len(npy) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(npy) - offset} data bytes for {count} {dtype} values of shape {shape}")
+    flat = np.frombuffer(npy, dtype=dtype, count=count, offset=offset)
+    array = flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)
+    with warnings.catch_warnings():  # the tensor shares the read-only bytes on purpose (docstring)
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return tensor.float()
 
 
 def to_wire(tensor: torch.Tensor, wire_dtype: str = "float32") -> torch.Tensor:

@@ -72,13 +72,10 @@ class ApexLamb(Lamb):
     def __str__(self) -> str:
         return "ApexLamb"
 
-    def _grad_scale_divisor(self) -> torch.Tensor | None:
+    def _grad_scale_divisor(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """``G / max_grad_norm`` when the global gradient norm ``G`` exceeds it, else 1 (a 0-dim tensor)."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return None
         device = grads[0].device
-        norms = torch.stack([torch.linalg.vector_norm(g).to(device) for g in grads])
+        norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)])
         global_norm = torch.linalg.vector_norm(norms)
         max_norm = float(self.defaults["max_grad_norm"])
         if max_norm <= 0.0:
@@ -91,39 +88,52 @@ class ApexLamb(Lamb):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        divisor = self._grad_scale_divisor()
-        if divisor is None:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
             return loss
+        divisor = self._grad_scale_divisor(grads)
         for group in self.param_groups:
             self.init_group(group)
             group["step"] += 1
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update_param(p, group, divisor)
+                    by_device.setdefault(p.device, []).append(p)
+            for device, params in by_device.items():
+                self._update_params(params, group, divisor.to(device))
         return loss
 
-    def _update_param(self, p: torch.Tensor, group: dict[str, Any], divisor: torch.Tensor) -> None:
+    def _update_params(self, params: list[torch.Tensor], group: dict[str, Any], divisor: torch.Tensor) -> None:
+        """apex's update for ``params`` (one device) with multi-tensor (``torch._foreach_*``) kernels:
+        the same arithmetic as a per-tensor loop, without its per-tensor Python and dispatch cost."""
         beta1, beta2 = group["betas"]
         step = group["step"]
         bias1, bias2 = (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
         beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
         decay = group["weight_decay"]
-        state = self.state[p]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
 
-        param_norm = torch.linalg.vector_norm(p)
-        grad = p.grad / divisor.to(p.device)
-        exp_avg.mul_(beta1).add_(grad, alpha=beta3)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        update = (exp_avg / bias1) / (exp_avg_sq / bias2).sqrt().add_(group["eps"])
+        param_norms = torch._foreach_norm(params)
+        grads = torch._foreach_div([p.grad for p in params], divisor)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=beta3)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        updates = torch._foreach_div(exp_avgs, bias1)
+        denominators = torch._foreach_div(exp_avg_sqs, bias2)
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_div_(updates, denominators)
         if decay != 0:
-            update.add_(p, alpha=decay)
+            torch._foreach_add_(updates, params, alpha=decay)
         if self.use_nvlamb or decay != 0:
-            update_norm = torch.linalg.vector_norm(update)
+            param_norm = torch.stack(param_norms)
+            update_norm = torch.stack(torch._foreach_norm(updates))
             usable = (param_norm != 0) & (update_norm != 0)
-            ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
-            update.mul_(ratio)
-        p.add_(update, alpha=-group["lr"])
+            ratios = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
+            torch._foreach_mul_(updates, list(ratios.unbind()))
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 def _all_on_cuda(params: list[Any]) -> bool:

@@ -89,7 +89,7 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def _proc_stat() -> dict[int, tuple[int, int, str, int]]:
+def proc_table() -> dict[int, tuple[int, int, str, int]]:
     """pid -> (parent pid, process group, state, start time) of every process (Linux ``/proc``)."""
     table = {}
     for entry in Path("/proc").glob("[0-9]*/stat"):
@@ -101,11 +101,12 @@ def _proc_stat() -> dict[int, tuple[int, int, str, int]]:
     return table
 
 
-def process_tree(root: int, group: int | None = None) -> dict[int, int]:
+def process_tree(root: int, group: int | None = None,
+                 table: Mapping[int, tuple[int, int, str, int]] | None = None) -> dict[int, int]:
     """Live (not zombie) processes descending from ``root`` (itself included) or in process group
     ``group``: pid -> start time. Flower's SuperLink starts its SuperExec in a NEW session, so a process
-    group alone does not hold everything a daemon started."""
-    table = _proc_stat()
+    group alone does not hold everything a daemon started. ``table``: a :func:`proc_table` to reuse."""
+    table = proc_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, (ppid, *_rest) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -122,7 +123,7 @@ def process_tree(root: int, group: int | None = None) -> dict[int, int]:
 
 def signal_processes(processes: Mapping[int, int], sig: int) -> None:
     """Send ``sig`` to each pid of ``processes`` (pid -> start time) that is still that same process."""
-    table = _proc_stat()
+    table = proc_table()
     for pid, started in processes.items():
         if pid in table and table[pid][3] == started and table[pid][2] != "Z":
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -131,7 +132,7 @@ def signal_processes(processes: Mapping[int, int], sig: int) -> None:
 
 def live(processes: Mapping[int, int]) -> list[int]:
     """The pids of ``processes`` (pid -> start time) still running as the same process."""
-    table = _proc_stat()
+    table = proc_table()
     return sorted(p for p, t in processes.items() if p in table and table[p][3] == t and table[p][2] != "Z")
 
 

@@ -10,7 +10,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
@@ -25,6 +24,7 @@ from hermes_model.exchange import (
     TASK_ROW_IDS,
     TASK_ROWS,
     StateLayout,
+    from_wire,
 )
 
 WIRE_NUMPY_DTYPES = ("float32", "float16")
@@ -174,14 +174,11 @@ def _decode(arrays: ArrayRecord, name: str, shape: tuple[int, ...]) -> torch.Ten
     if tuple(array.shape) != shape:
         raise ReplyRejected("bad-shape", f"{name}: shape {tuple(array.shape)}, expected {shape}")
     try:
-        value = array.numpy()
+        tensor = from_wire(array.data)
     except Exception as exc:  # any decoding failure of untrusted bytes is a bad reply
         raise ReplyRejected("malformed", f"{name}: cannot decode ({exc})") from None
-    if str(value.dtype) not in WIRE_NUMPY_DTYPES or tuple(value.shape) != shape:
-        raise ReplyRejected(
-            "malformed", f"{name}: data ({value.dtype}, {value.shape}) disagrees with its header"
-        )
-    tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    if tuple(tensor.shape) != shape:
+        raise ReplyRejected("malformed", f"{name}: data of shape {tuple(tensor.shape)} disagrees with its header")
     if not bool(torch.isfinite(tensor).all()):
         raise ReplyRejected("non-finite", f"{name}: contains NaN or inf")
     return tensor

@@ -1,8 +1,11 @@
+import io
+
+import numpy as np
 import pytest
 import torch
 
 from hermes_model import build_model
-from hermes_model.exchange import StateLayout, to_wire
+from hermes_model.exchange import StateLayout, from_wire, to_wire
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +75,40 @@ def test_wire_formats():
         to_wire(torch.tensor([1e6]), "float16")
     with pytest.raises(ValueError, match="wire_dtype must be one of"):
         to_wire(values, "int8")
+
+
+# ------------------------------------------------------------------------------------------------ from_wire
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)  # what flwr.app.Array holds
+    return buffer.getvalue()
+
+
+def test_from_wire_float32_is_a_view_and_float16_is_widened():
+    values = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    npy = _npy(values)
+    tensor = from_wire(npy)
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, 5)
+    assert np.array_equal(tensor.numpy(), values)
+    start = np.frombuffer(npy, np.uint8).ctypes.data
+    assert start < tensor.data_ptr() < start + len(npy)  # a view of the received bytes: no copy
+    half = from_wire(_npy(values.astype(np.float16)))
+    assert half.dtype == torch.float32
+    assert np.array_equal(half.numpy(), values.astype(np.float16).astype(np.float32))
+    fortran = from_wire(_npy(np.asfortranarray(values)))
+    assert np.array_equal(fortran.numpy(), values)
+
+
+@pytest.mark.parametrize(
+    ("npy", "message"),
+    [
+        (_npy(np.zeros(4, np.float32))[:-1], "data bytes"),
+        (_npy(np.zeros(4, np.float32)) + b"\0\0\0\0", "data bytes"),
+        (_npy(np.zeros(4, np.int32)), "not float32"),
+        (_npy(np.zeros(4, np.float64)), "not float32"),
+        (b"not an npy file at all", "magic"),
+    ],
+)
+def test_from_wire_rejects_malformed_bytes(npy, message):
+    with pytest.raises(ValueError, match=message):
+        from_wire(npy)
