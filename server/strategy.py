@@ -297,13 +297,13 @@ class HermesStrategy(Strategy):
         Returns the new state and, per task / modality row, the samples behind its update (0 = kept).
         """
         assert self._current is not None
-        new = self._current.clone()
         weights = [u.num_examples if self.options.weighting == "samples" else 1.0 for u in updates]
         total = sum(weights)
-        acc = torch.zeros_like(new.backbone)
+        acc = torch.zeros_like(self._current.backbone)
         for w, u in zip(weights, updates, strict=True):
             acc.add_(u.backbone, alpha=w)
-        new.backbone = acc / total
+        # the backbone is replaced, so only the rows are copied (one model-sized buffer less at the peak)
+        new = GlobalState(acc.div_(total), self._current.task_rows.clone(), self._current.modality_rows.clone())
         task_n = _rows_mean(
             new.task_rows,
             [(w, u.num_examples, u.task_ids, u.task_rows) for w, u in zip(weights, updates, strict=True)],

@@ -1,7 +1,7 @@
 """``hermes-sim``: the whole federation on one machine.
 
     hermes-sim run [--sites A.yaml B.yaml ...] [--rounds N] [--local-iterations K] [--run-dir DIR]
-                   [--gpus-per-site 0.25] [--cpus-per-site 1] [--quick] [--local-only] [--resume]
+                   [--gpus-per-site 0.25] [--cpus-per-site C] [--quick] [--local-only] [--resume]
     hermes-sim centralized [--sites ...] [same options]
     hermes-sim compare RUN_A RUN_B ... [--out compare_dice.png]
 
@@ -40,8 +40,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-site", type=float, default=None,
                         help="fraction of a GPU per virtual site, e.g. 0.25 = four sites per GPU "
                         "(default: the visible GPUs shared by the sites; 0 without a GPU)")
-    parser.add_argument("--cpus-per-site", type=float, default=1.0,
-                        help="CPU cores per virtual site (default 1)")
+    parser.add_argument("--cpus-per-site", type=int, default=None,
+                        help="CPU cores per virtual site, a whole number (default: the machine's cores shared by "
+                        "the sites, at least 1; with fewer cores than sites, all sites run at once and share them)")
     parser.add_argument("--evaluate-every", type=int, default=None,
                         help="evaluate on the validation splits every N rounds (default: the last round "
                         "only; "

@@ -190,11 +190,12 @@ def stop_process_tree(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT
         _signal_all(survivors, signal.SIGKILL)
 
 
-def _federation_config(num_supernodes: int, cpus: float, gpus: float) -> str:
-    return (
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus:g} "
+def _federation_config(num_supernodes: int, cpus: int, gpus: float, ray_cpus: int | None) -> str:
+    config = (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
         f"client-resources-num-gpus={gpus:g}"
     )
+    return config if ray_cpus is None else f"{config} init-args-num-cpus={ray_cpus}"
 
 
 class _Terminated(SimulationError):
@@ -237,11 +238,16 @@ def run_flower_simulation(
     run_config: Mapping[str, Any],
     num_supernodes: int,
     *,
-    cpus_per_site: float = 1.0,
+    cpus_per_site: int = 1,
     gpus_per_site: float = 0.0,
+    ray_cpus: int | None = None,
     echo: bool = True,
 ) -> FlowerResult:
     """Run the ServerApp and ``num_supernodes`` virtual ClientApps with ``run_config`` (see module docstring).
+
+    ``cpus_per_site`` is a whole number (Flower 1.42 sends it as an integer); ``ray_cpus`` tells Ray how
+    many CPUs to schedule (None: the machine's), e.g. more than the machine has so that all sites run at
+    once and time-share the cores.
 
     Raises:
         ValueError: bad ``num_supernodes`` / resources.
@@ -249,8 +255,8 @@ def run_flower_simulation(
     """
     if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be an int >= 1, got {num_supernodes!r}")
-    if not cpus_per_site > 0:
-        raise ValueError(f"cpus-per-site must be > 0, got {cpus_per_site!r}")
+    if isinstance(cpus_per_site, bool) or not isinstance(cpus_per_site, int) or cpus_per_site < 1:
+        raise ValueError(f"cpus-per-site must be a whole number >= 1, got {cpus_per_site!r}")
     if gpus_per_site < 0:
         raise ValueError(f"gpus-per-site must be >= 0, got {gpus_per_site!r}")
     root = Path(run_dir).resolve() / FLOWER_DIR
@@ -284,14 +290,13 @@ def run_flower_simulation(
     )
     start = time.monotonic()
     with _raise_on_sigterm():
-        code = _run(superlink, http_port, app_dir, env, root, log_path, logs, num_supernodes,
-                    cpus_per_site, gpus_per_site, echo, superlink_log)
+        federation = _federation_config(num_supernodes, cpus_per_site, gpus_per_site, ray_cpus)
+        code = _run(superlink, http_port, app_dir, env, root, log_path, logs, federation, echo, superlink_log)
     return FlowerResult(code, time.monotonic() - start, log_path)
 
 
 def _run(superlink: subprocess.Popen, http_port: int, app_dir: Path, env: dict[str, str], root: Path,
-         log_path: Path, logs: Path, num_supernodes: int, cpus_per_site: float, gpus_per_site: float,
-         echo: bool, superlink_log: Any) -> int:
+         log_path: Path, logs: Path, federation: str, echo: bool, superlink_log: Any) -> int:
     """Wait for the SuperLink, run ``flwr run --stream``; always stop both process trees."""
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -305,11 +310,9 @@ def _run(superlink: subprocess.Popen, http_port: int, app_dir: Path, env: dict[s
             time.sleep(0.2)
         run_cmd = [
             _bin("flwr"), "run", str(app_dir), CONNECTION,
-            "--federation-config", _federation_config(num_supernodes, cpus_per_site, gpus_per_site),
-            "--stream",
+            "--federation-config", federation, "--stream",
         ]
-        logger.info("flwr run: %d virtual sites, %g CPU and %g GPU each", num_supernodes, cpus_per_site,
-                    gpus_per_site)
+        logger.info("flwr run --federation-config '%s'", federation)
         flwr = subprocess.Popen(
             run_cmd, env=env, cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,

@@ -63,8 +63,9 @@ class SimOptions:
         model: the network (a name of ``hermes_model.available_models()``).
         base_channels: width of the network (Hermes-R; Hermes-M has fixed widths).
         run_dir: the run directory (default: a new folder under ``runs/``).
-        cpus_per_site / gpus_per_site: resources of one virtual site (Ray); ``gpus_per_site`` None =
-            automatic (the visible GPUs shared by the sites, at most one each; 0 without a GPU).
+        cpus_per_site / gpus_per_site: resources of one virtual site (Ray); None = automatic: the
+            machine's cores shared by the sites (:func:`auto_cpus_per_site`), the visible GPUs shared by
+            the sites (at most one each; 0 without a GPU).
         evaluate_every: evaluate every N rounds (the last round always); None = the last round only
             (a sliding-window evaluation costs about as much as a round of training on a CPU).
         seed: seed of the initial weights and the patch sampling.
@@ -81,7 +82,7 @@ class SimOptions:
     model: str = "hermes-r"
     base_channels: int = DEFAULT_BASE_CHANNELS
     run_dir: Path | None = None
-    cpus_per_site: float = 1.0
+    cpus_per_site: int | None = None
     gpus_per_site: float | None = None
     evaluate_every: int | None = None
     seed: int = 0
@@ -107,8 +108,10 @@ class SimOptions:
         every = self.evaluate_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"evaluate-every must be >= 0, got {self.evaluate_every!r}")
-        if not (isinstance(self.cpus_per_site, int | float) and self.cpus_per_site > 0):
-            raise ValueError(f"cpus-per-site must be > 0, got {self.cpus_per_site!r}")
+        if self.cpus_per_site is not None and (
+            isinstance(self.cpus_per_site, bool) or not isinstance(self.cpus_per_site, int) or self.cpus_per_site < 1
+        ):
+            raise ValueError(f"cpus-per-site must be a whole number >= 1, got {self.cpus_per_site!r}")
         if self.gpus_per_site is not None and not 0 <= self.gpus_per_site <= 1:
             raise ValueError(
                 f"gpus-per-site must be in [0, 1] (a fraction of one GPU), got {self.gpus_per_site!r}"
@@ -148,12 +151,29 @@ def auto_gpus_per_site(num_sites: int) -> float:
     return math.floor(share * 100) / 100  # a little under the exact share, so every site fits
 
 
-def parallel_sites(num_sites: int, cpus_per_site: float, gpus_per_site: float) -> int:
+def auto_cpus_per_site(num_sites: int) -> int:
+    """The machine's cores shared evenly by ``num_sites`` sites (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // num_sites)
+
+
+def ray_cpus(num_sites: int, cpus_per_site: int, gpus_per_site: float) -> int | None:
+    """CPUs Ray should schedule: on a CPU-only machine with fewer cores than the sites need, enough for
+    all sites at once (they time-share the cores instead of queueing, so no core idles while the last
+    sites of a round train: with 5 sites on 2 cores a round is 2.5 site-times instead of 3); else None
+    (Ray's own count)."""
+    needed = num_sites * cpus_per_site
+    if gpus_per_site > 0 or needed <= (os.cpu_count() or 1):
+        return None
+    return needed
+
+
+def parallel_sites(num_sites: int, cpus_per_site: int, gpus_per_site: float) -> int:
     """How many virtual sites Ray runs at the same time on this machine."""
-    slots = int((os.cpu_count() or 1) // cpus_per_site)
+    cpus = ray_cpus(num_sites, cpus_per_site, gpus_per_site) or os.cpu_count() or 1
+    slots = cpus // cpus_per_site
     if gpus_per_site > 0:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        slots = min(slots, int(count // gpus_per_site))
+        slots = min(slots, int(count / gpus_per_site))
     return max(1, min(num_sites, slots))
 
 
@@ -265,10 +285,12 @@ def run_federated(opts: SimOptions) -> SimResult:
     """
     run_dir, staged, config = _prepare(opts, "federated")
     gpus = opts.gpus_per_site if opts.gpus_per_site is not None else auto_gpus_per_site(len(staged))
+    cpus = opts.cpus_per_site if opts.cpus_per_site is not None else auto_cpus_per_site(len(staged))
     run_config: dict[str, Any] = {
         **config.to_run_config(), SITE_CONFIGS_KEY: ",".join(str(s.path) for s in staged)
     }
-    result = run_flower_simulation(run_dir, run_config, len(staged), cpus_per_site=opts.cpus_per_site,
+    result = run_flower_simulation(run_dir, run_config, len(staged), cpus_per_site=cpus,
+                                   ray_cpus=ray_cpus(len(staged), cpus, gpus),
                                    gpus_per_site=gpus, echo=opts.echo)
     latest = RunStore(run_dir).latest_path()
     ckpt = load_round_checkpoint(latest) if latest is not None else None
@@ -280,8 +302,8 @@ def run_federated(opts: SimOptions) -> SimResult:
         )
     save_final_model(run_dir / FINAL_MODEL, ckpt.model, ckpt.catalog, mode="federated",
                      server_round=ckpt.server_round)
-    extra = {"gpus_per_site": gpus, "cpus_per_site": opts.cpus_per_site,
-             "parallel_sites": parallel_sites(len(staged), opts.cpus_per_site, gpus)}
+    extra = {"gpus_per_site": gpus, "cpus_per_site": cpus,
+             "parallel_sites": parallel_sites(len(staged), cpus, gpus)}
     summary = _summary("federated", opts, config, staged, result.seconds, extra)
     return _finish("federated", run_dir, summary)
 
