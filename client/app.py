@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 from client.site import ProtocolError, RoundRequest, Site, TrainReply
 from hermes_model.exchange import (
     ARRAYS_RECORD,
+    BACKBONE,
     CONFIG_RECORD,
     METRICS_RECORD,
     MODALITY_ROW_IDS,
@@ -38,10 +39,7 @@ from hermes_model.exchange import (
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
-    backbone_pieces,
     from_wire,
-    is_backbone_piece,
-    join_backbone,
 )
 
 __all__ = ["SITE_CONFIG_KEY", "SITE_CONFIGS_KEY", "SiteError", "app", "load_site", "parse_request",
@@ -53,6 +51,7 @@ SITE_CONFIG_KEY = "site-config"    # node config (SuperNode --node-config)
 SITE_CONFIGS_KEY = "site-configs"  # run config (simulation): paths separated by ","
 PARTITION_KEY = "partition-id"     # node config of a simulated client
 NAME_KEY, DATASETS_KEY = "name", "datasets"  # the query reply's ConfigRecord entries
+ARRAY_NAMES = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
 
 app = ClientApp()
 
@@ -154,14 +153,6 @@ def _tensor(arrays: ArrayRecord, name: str) -> torch.Tensor:
         raise ProtocolError(f"array {name!r}: {exc}") from None
 
 
-def _backbone(arrays: ArrayRecord) -> torch.Tensor:
-    pieces = {name: _tensor(arrays, name) for name in arrays if is_backbone_piece(name)}
-    try:
-        return join_backbone(pieces)
-    except ValueError as exc:
-        raise ProtocolError(f"{ARRAYS_RECORD!r}: {exc}") from None
-
-
 def parse_request(msg: Message, train: bool) -> RoundRequest:
     """The typed request of a train (``train=True``) or evaluate message."""
     arrays = _record(msg, ARRAYS_RECORD, ArrayRecord)
@@ -171,7 +162,7 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
     schedule = _value(config, "schedule-iteration", 0 if not train else None)
     return RoundRequest(
         server_round=server_round,
-        backbone=_backbone(arrays),
+        backbone=_tensor(arrays, BACKBONE),
         task_rows=_tensor(arrays, TASK_ROWS),
         modality_rows=_tensor(arrays, MODALITY_ROWS),
         task_row_ids=_value(config, TASK_ROW_IDS),
@@ -188,7 +179,7 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
 
 
 def _train_content(reply: TrainReply) -> RecordDict:
-    arrays = {**backbone_pieces(reply.backbone), TASK_ROWS: reply.task_rows, MODALITY_ROWS: reply.modality_rows}
+    arrays = {BACKBONE: reply.backbone, TASK_ROWS: reply.task_rows, MODALITY_ROWS: reply.modality_rows}
     return RecordDict({
         ARRAYS_RECORD: ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()}),
         CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(reply.task_row_ids),

@@ -6,9 +6,6 @@ rows of the **prior bank**, packed into a few large arrays (Flower-free; both si
 - Task row ``t``: row ``t`` of every ``*.task_prior`` concatenated (one vector per task id).
 - Modality row ``r``: row ``r`` of every ``*.modality_prior`` flattened and concatenated.
 
-On the wire a message holds the backbone in pieces of at most 16 MiB (``backbone.0``, ``backbone.1``, ...),
-the sent task rows as one matrix (``task_rows``) and the modality rows as another (``modality_rows``).
-
 The layout is computed from the model's state dict, never typed by hand, so Hermes-R and any other
 network with ``task_prior`` / ``modality_prior`` banks split the same way.
 """
@@ -36,11 +33,6 @@ NUM_EXAMPLES = "num-examples"  # samples trained (train) or cases evaluated (eva
 TASK_BANK_SUFFIX = ".task_prior"
 MODALITY_BANK_SUFFIX = ".modality_prior"
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-# The backbone travels as arrays ``backbone.0``, ``backbone.1``, ... of at most this many values (16 MiB in
-# float32): Flower reassembles every received Array into one bytes object (its chunks plus the whole, for
-# a moment twice), so one 243 MB array would cost every Flower process on its way ~3x its size at the peak;
-# pieces keep that small while the number of arrays stays small (15 for the published 61 M model).
-BACKBONE_PIECE_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -165,40 +157,6 @@ class StateLayout:
         if len(set(index)) != len(index):
             raise ValueError(f"{kind} row ids repeat: {index}")
         return index
-
-
-def backbone_piece_sizes(size: int) -> dict[str, int]:
-    """Name -> number of values of each array a backbone of ``size`` values travels in
-    (``backbone.0`` ... ``backbone.<n-1>``)."""
-    piece = BACKBONE_PIECE_VALUES
-    count = max(1, math.ceil(size / piece))
-    return {f"{BACKBONE}.{i}": min(piece, size - i * piece) for i in range(count)}
-
-
-def backbone_pieces(vector: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The backbone vector as the arrays it travels in (views of ``vector``), by name."""
-    piece = BACKBONE_PIECE_VALUES
-    return {name: vector[i * piece:(i + 1) * piece] for i, name in enumerate(backbone_piece_sizes(vector.numel()))}
-
-
-def is_backbone_piece(name: str) -> bool:
-    prefix = f"{BACKBONE}."
-    return name.startswith(prefix) and name[len(prefix):].isdigit()
-
-
-def join_backbone(arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`backbone_pieces`: the ``backbone.<i>`` entries of ``arrays`` (others ignored)
-    joined in order.
-
-    Raises:
-        ValueError: no piece, or pieces not numbered 0..n-1.
-    """
-    pieces = {int(name.rsplit(".", 1)[1]): t for name, t in arrays.items() if is_backbone_piece(name)}
-    if sorted(pieces) != list(range(len(pieces))) or not pieces:
-        raise ValueError(f"backbone pieces must be {BACKBONE}.0 ... {BACKBONE}.<n-1>, got {sorted(pieces)}")
-    if len(pieces) == 1:
-        return pieces[0].reshape(-1)
-    return torch.cat([pieces[i].reshape(-1) for i in range(len(pieces))])
 
 
 def from_wire(npy: bytes) -> torch.Tensor:

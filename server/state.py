@@ -10,14 +10,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from hermes_model.exchange import (
-    MODALITY_ROWS,
-    TASK_ROWS,
-    StateLayout,
-    backbone_piece_sizes,
-    backbone_pieces,
-    join_backbone,
-)
+from hermes_model.exchange import BACKBONE, MODALITY_ROWS, TASK_ROWS, StateLayout
+
+GLOBAL_ARRAYS = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
 
 
 @dataclass
@@ -55,37 +50,37 @@ class GlobalState:
         return GlobalState(*(t.clone() for t in self.tensors()))
 
     def to_record(self) -> ArrayRecord:
-        """ArrayRecord of float32 arrays: the backbone pieces (``backbone.0`` ...), ``task_rows`` and
-        ``modality_rows``."""
-        arrays = {**backbone_pieces(self.backbone), TASK_ROWS: self.task_rows, MODALITY_ROWS: self.modality_rows}
-        return ArrayRecord({n: Array(t.detach().float().cpu().numpy()) for n, t in arrays.items()})
+        """ArrayRecord with three float32 arrays named ``backbone``, ``task_rows``, ``modality_rows``."""
+        return ArrayRecord(
+            {
+                n: Array(t.detach().float().cpu().numpy())
+                for n, t in zip(GLOBAL_ARRAYS, self.tensors(), strict=True)
+            }
+        )
 
     @classmethod
     def from_record(cls, record: ArrayRecord, layout: StateLayout) -> GlobalState:
         """Inverse of :meth:`to_record`; checks names and shapes against ``layout``."""
+        if sorted(record.keys()) != sorted(GLOBAL_ARRAYS):
+            raise ValueError(
+                f"global ArrayRecord must hold {list(GLOBAL_ARRAYS)}, got {sorted(record.keys())}"
+            )
         expected = expected_global_shapes(layout)
-        if sorted(record.keys()) != sorted(expected):
-            raise ValueError(f"global ArrayRecord must hold {sorted(expected)}, got {sorted(record.keys())}")
-        tensors = {}
-        for name, shape in expected.items():
+        out = []
+        for name in GLOBAL_ARRAYS:
             arr = np.asarray(record[name].numpy(), dtype=np.float32)
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"global array {name!r} has shape {arr.shape}, expected {shape}")
-            tensors[name] = torch.from_numpy(arr.copy())
-        return cls(join_backbone(tensors), tensors[TASK_ROWS], tensors[MODALITY_ROWS])
+            if tuple(arr.shape) != expected[name]:
+                raise ValueError(f"global array {name!r} has shape {arr.shape}, expected {expected[name]}")
+            out.append(torch.from_numpy(arr.copy()))
+        return cls(*out)
 
     def equal(self, other: GlobalState) -> bool:
         return all(torch.equal(a, b) for a, b in zip(self.tensors(), other.tensors(), strict=True))
 
 
-def backbone_piece_shapes(layout: StateLayout) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of each backbone piece on the wire (``hermes_model.exchange.backbone_pieces``)."""
-    return {name: (n,) for name, n in backbone_piece_sizes(layout.backbone_size).items()}
-
-
 def expected_global_shapes(layout: StateLayout) -> dict[str, tuple[int, ...]]:
     return {
-        **backbone_piece_shapes(layout),
+        BACKBONE: (layout.backbone_size,),
         TASK_ROWS: (layout.task_slots, layout.task_row_size),
         MODALITY_ROWS: (layout.modality_slots, layout.modality_row_size),
     }

@@ -38,11 +38,10 @@ from hermes_model.exchange import (
     TASK_ROW_IDS,
     TASK_ROWS,
     StateLayout,
-    backbone_pieces,
     to_wire,
 )
 from server.bank import MODALITY, TASK, PriorBank
-from server.state import GlobalState, backbone_piece_shapes
+from server.state import GlobalState
 from server.validation import ReplyRejected, Sent, TrainUpdate, parse_evaluate_reply, parse_train_reply
 
 logger = logging.getLogger(__name__)
@@ -155,10 +154,7 @@ class HermesStrategy(Strategy):
     ) -> list[Message]:
         assert self._current is not None
         wire = self.options.wire_dtype
-        if wire == "float32":  # the same Array objects in every message: serialised once
-            backbone = {name: arrays[name] for name in backbone_piece_shapes(self.layout)}
-        else:
-            backbone = {name: _array(t, wire) for name, t in backbone_pieces(self._current.backbone).items()}
+        backbone = arrays[BACKBONE] if wire == "float32" else _array(self._current.backbone, wire)
         self._sent = {}
         messages = []
         for site, node in sites:
@@ -166,7 +162,7 @@ class HermesStrategy(Strategy):
             self._sent[node] = Sent(node, site, own.task_ids, own.modality_rows)
             payload = ArrayRecord(
                 {
-                    **backbone,
+                    BACKBONE: backbone,
                     TASK_ROWS: _array(self._current.task_rows[list(own.task_ids)], wire),
                     MODALITY_ROWS: _array(self._current.modality_rows[list(own.modality_rows)], wire),
                 }

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from hermes_model.exchange import (
     ARRAYS_RECORD,
+    BACKBONE,
     CONFIG_RECORD,
     METRICS_RECORD,
     MODALITY_ROW_IDS,
@@ -23,9 +24,7 @@ from hermes_model.exchange import (
     TASK_ROW_IDS,
     TASK_ROWS,
     StateLayout,
-    backbone_piece_sizes,
     from_wire,
-    join_backbone,
 )
 
 WIRE_NUMPY_DTYPES = ("float32", "float16")
@@ -43,6 +42,7 @@ DROP_REASONS = (
     "malformed",  # arrays that do not decode
 )
 TRAIN_RECORDS = frozenset({ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD})
+TRAIN_ARRAYS = frozenset({BACKBONE, TASK_ROWS, MODALITY_ROWS})
 
 
 class ReplyRejected(Exception):
@@ -102,12 +102,11 @@ def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpd
     num_examples = _num_examples(metrics)
     if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
         raise ReplyRejected("bad-records", "records 'arrays'/'config' have the wrong record type")
-    pieces = {name: (size,) for name, size in backbone_piece_sizes(layout.backbone_size).items()}
-    _check_names("bad-arrays", "arrays", set(arrays.keys()), frozenset({*pieces, TASK_ROWS, MODALITY_ROWS}))
+    _check_names("bad-arrays", "arrays", set(arrays.keys()), TRAIN_ARRAYS)
     task_ids = _echoed_ids(config, TASK_ROW_IDS, sent.task_ids)
     modality_ids = _echoed_ids(config, MODALITY_ROW_IDS, sent.modality_rows)
     shapes = {
-        **pieces,
+        BACKBONE: (layout.backbone_size,),
         TASK_ROWS: (len(task_ids), layout.task_row_size),
         MODALITY_ROWS: (len(modality_ids), layout.modality_row_size),
     }
@@ -115,7 +114,7 @@ def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpd
     return TrainUpdate(
         sent.site,
         num_examples,
-        join_backbone(tensors),
+        tensors[BACKBONE],
         task_ids,
         tensors[TASK_ROWS],
         modality_ids,

@@ -17,7 +17,6 @@ from flwr.app.metadata import Metadata
 
 from client.app import SiteError, app, load_site, site_config_path
 from client.site import ProtocolError
-from hermes_model.exchange import backbone_pieces
 from tests.client.test_site import (
     CASES,
     CLASS_KEY,
@@ -50,7 +49,7 @@ def make_context(node_config: dict[str, Any], run_config: dict[str, Any] | None 
 def round_content(server_round: int, wire: str = "float32", **config: Any) -> RecordDict:
     """The train/evaluate content the server sends this site (protocol section 2)."""
     layout, state = global_weights(server_round)
-    arrays = {**backbone_pieces(layout.backbone(state)), "task_rows": layout.task_rows(state, [TASK_ID]),
+    arrays = {"backbone": layout.backbone(state), "task_rows": layout.task_rows(state, [TASK_ID]),
               "modality_rows": layout.modality_rows(state, [0])}
     values = {
         "server-round": server_round, "task_row_ids": [TASK_ID], "modality_row_ids": [0],
@@ -157,7 +156,7 @@ def test_query_train_evaluate_send_nothing_identifying(site_yaml: Path) -> None:
     assert reply.metadata.reply_to_message_id == "m-train" and reply.metadata.dst_node_id == SERVER_NODE
     assert sorted(reply.content) == ["arrays", "config", "metrics"]
     arrays = reply.content["arrays"]
-    assert sorted(arrays) == ["backbone.0", "modality_rows", "task_rows"]  # a small backbone: one piece
+    assert sorted(arrays) == ["backbone", "modality_rows", "task_rows"]
     for name in arrays:
         assert arrays[name].numpy().dtype == np.float16
         assert arrays[name].numpy().shape == sent["arrays"][name].numpy().shape

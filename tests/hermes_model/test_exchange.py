@@ -4,15 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hermes_model import build_model, exchange
-from hermes_model.exchange import (
-    StateLayout,
-    backbone_piece_sizes,
-    backbone_pieces,
-    from_wire,
-    join_backbone,
-    to_wire,
-)
+from hermes_model import build_model
+from hermes_model.exchange import StateLayout, from_wire, to_wire
 
 
 @pytest.fixture(scope="module")
@@ -119,24 +112,3 @@ def test_from_wire_float32_is_a_view_and_float16_is_widened():
 def test_from_wire_rejects_malformed_bytes(npy, message):
     with pytest.raises(ValueError, match=message):
         from_wire(npy)
-
-
-# ------------------------------------------------------------------------------------------------ pieces
-def test_backbone_travels_in_pieces_and_joins_back(monkeypatch):
-    monkeypatch.setattr(exchange, "BACKBONE_PIECE_VALUES", 4)
-    vector = torch.arange(10, dtype=torch.float32)
-    assert backbone_piece_sizes(10) == {"backbone.0": 4, "backbone.1": 4, "backbone.2": 2}
-    pieces = backbone_pieces(vector)
-    assert list(pieces) == ["backbone.0", "backbone.1", "backbone.2"]
-    assert torch.equal(join_backbone({**pieces, "task_rows": torch.zeros(1, 3)}), vector)  # other names ignored
-    assert torch.equal(join_backbone(dict(reversed(pieces.items()))), vector)  # by number, not by order
-    assert list(backbone_pieces(torch.zeros(3))) == ["backbone.0"]
-    for broken in ({"backbone.0": pieces["backbone.0"], "backbone.2": pieces["backbone.2"]}, {}):
-        with pytest.raises(ValueError, match="backbone pieces must be"):
-            join_backbone(broken)
-
-
-def test_published_model_backbone_is_few_arrays():
-    sizes = backbone_piece_sizes(60_000_000)
-    assert len(sizes) == 15 and sum(sizes.values()) == 60_000_000
-    assert max(sizes.values()) * 4 == 16 * 2**20  # 16 MiB per float32 piece

@@ -41,7 +41,7 @@ import torch
 from client.app import app as client_app
 from hermes_model import load_checkpoint
 from hermes_model.engine import BATCH_KEYS, EngineConfig, TrainEngine
-from hermes_model.exchange import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES, StateLayout, join_backbone
+from hermes_model.exchange import ARRAYS_RECORD, BACKBONE, METRICS_RECORD, NUM_EXAMPLES, StateLayout
 from server.checkpoint import RunStore
 from server.config import ServerConfig
 from server.local_grid import LocalGrid
@@ -103,11 +103,6 @@ def _max_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> f
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def _backbone(reply) -> torch.Tensor:
-    arrays = reply.content[ARRAYS_RECORD]
-    return join_backbone({name: torch.from_numpy(arrays[name].numpy()) for name in arrays})
-
-
 def test_federated_sgd_equals_centralized_sgd_on_the_union(
     tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +141,6 @@ def test_federated_sgd_equals_centralized_sgd_on_the_union(
     replies = [x.reply for x in grid.history if x.reply is not None and x.request.metadata.message_type == "train"]
     last = replies[-len(SITES):]
     assert sorted(r.content[METRICS_RECORD][NUM_EXAMPLES] for r in last) == [1, 1, 2]
-    uniform = torch.stack([_backbone(r) for r in last]).mean(0)
+    uniform = torch.stack([torch.from_numpy(r.content[ARRAYS_RECORD][BACKBONE].numpy()) for r in last]).mean(0)
     control = float((uniform - layout.backbone(engine.model.state_dict())).abs().max())
     assert control > 10 * TOLERANCE, (control, diffs)

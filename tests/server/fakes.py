@@ -28,8 +28,6 @@ from hermes_model.exchange import (
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
-    backbone_pieces,
-    join_backbone,
 )
 
 SMALL_CATALOG = {
@@ -65,11 +63,9 @@ def train_content(
     """A protocol train reply's content."""
     return RecordDict(
         {
-            ARRAYS_RECORD: ArrayRecord({
-                **{name: Array(piece.numpy()) for name, piece in backbone_pieces(torch.from_numpy(backbone)).items()},
-                TASK_ROWS: Array(task_rows),
-                MODALITY_ROWS: Array(modality_rows),
-            }),
+            ARRAYS_RECORD: ArrayRecord(
+                {BACKBONE: Array(backbone), TASK_ROWS: Array(task_rows), MODALITY_ROWS: Array(modality_rows)}
+            ),
             CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(task_ids), MODALITY_ROW_IDS: list(modality_ids)}),
             METRICS_RECORD: MetricRecord({NUM_EXAMPLES: num_examples, "loss": 1.0, **metrics}),
         }
@@ -77,10 +73,8 @@ def train_content(
 
 
 def received(msg: Message) -> dict[str, np.ndarray]:
-    """The received arrays as float32, the backbone pieces joined under ``BACKBONE``."""
-    arrays = {k: torch.from_numpy(v.numpy().astype(np.float32)) for k, v in msg.content[ARRAYS_RECORD].items()}
-    return {BACKBONE: join_backbone(arrays).numpy(), TASK_ROWS: arrays[TASK_ROWS].numpy(),
-            MODALITY_ROWS: arrays[MODALITY_ROWS].numpy()}
+    arrays = msg.content[ARRAYS_RECORD]
+    return {k: arrays[k].numpy().astype(np.float32) for k in (BACKBONE, TASK_ROWS, MODALITY_ROWS)}
 
 
 @dataclass

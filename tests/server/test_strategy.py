@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from hermes_model import exchange
 from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
@@ -43,13 +42,8 @@ SITES = {1: ("site-a", ALPHA), 2: ("site-b", BETA), 3: ("site-c", ALPHA)}
 COUNTS = {1: 10.0, 2: 30.0, 3: 60.0}
 
 
-FIRST_PIECE = f"{BACKBONE}.0"
-
-
 @pytest.fixture()
-def setup(small_model, monkeypatch):
-    # small pieces, so that the backbone (3.8 M values) travels in several arrays as the published model's does
-    monkeypatch.setattr(exchange, "BACKBONE_PIECE_VALUES", 1 << 20)
+def setup(small_model):
     layout = StateLayout.from_model(small_model)
     catalog, bank = small_catalog(), PriorBank(layout.task_slots, layout.modality_slots)
     for name, ds in SITES.values():
@@ -98,16 +92,14 @@ def test_configure_train_sends_each_site_only_its_rows(setup):
     assert b[CONFIG_RECORD][TASK_ROW_IDS] == [2] and b[CONFIG_RECORD]["modality_row_ids"] == [3]
     np.testing.assert_array_equal(a[ARRAYS_RECORD][TASK_ROWS].numpy(), state.task_rows[[0, 1]].numpy())
     np.testing.assert_array_equal(b[ARRAYS_RECORD][MODALITY_ROWS].numpy(), state.modality_rows[[3]].numpy())
-    pieces = [name for name in a[ARRAYS_RECORD] if name.startswith(f"{BACKBONE}.")]
-    assert pieces == [f"{BACKBONE}.{i}" for i in range(4)]  # 3.8 M values in pieces of 1 Mi
-    np.testing.assert_array_equal(received(msgs[1])[BACKBONE], state.backbone.numpy())
+    np.testing.assert_array_equal(a[ARRAYS_RECORD][BACKBONE].numpy(), state.backbone.numpy())
     cfg = a[CONFIG_RECORD]
     assert cfg["server-round"] == 3 and cfg["local-iterations"] == 5 and cfg["schedule-iteration"] == 10
     assert cfg["proximal-mu"] == pytest.approx(0.01) and cfg["wire-dtype"] == "float32"
     assert json.loads(cfg["task-map"]) == {"alpha/liver": 0, "alpha/tumour": 1}
     assert cfg["seed"] == derive_seed(7, 3, "site-a") != b[CONFIG_RECORD]["seed"]
     assert msgs[1].metadata.message_type == "train" and msgs[1].metadata.group_id == "3"
-    assert len(a[ARRAYS_RECORD]) == 4 + 2  # few large arrays (backbone pieces + rows), never one per tensor
+    assert len(a[ARRAYS_RECORD]) == 3  # few large arrays, never one per tensor
 
 
 def test_sampling_is_a_function_of_seed_and_round(setup):
@@ -208,16 +200,15 @@ INVALID = {
     ),
     "missing array": (_mutate_arrays(f=lambda a: a.pop(MODALITY_ROWS)), "bad-arrays"),
     "unexpected array": (_mutate_arrays(f=lambda a: a.update(extra=np.zeros(2, np.float32))), "bad-arrays"),
-    "missing backbone piece": (_mutate_arrays(f=lambda a: a.pop(FIRST_PIECE)), "bad-arrays"),
-    "backbone size": (_mutate_arrays(f=lambda a: a.update({FIRST_PIECE: a[FIRST_PIECE][:-1]})), "bad-shape"),
+    "backbone size": (_mutate_arrays(f=lambda a: a.update(backbone=a[BACKBONE][:-1])), "bad-shape"),
     "row width": (_mutate_arrays(f=lambda a: a.update(task_rows=np.zeros((2, 5), np.float32))), "bad-shape"),
     "row count": (
         _mutate_arrays(f=lambda a: a.update(task_rows=np.concatenate([a[TASK_ROWS]] * 2))),
         "bad-shape",
     ),
-    "float64": (_mutate_arrays(f=lambda a: a.update({FIRST_PIECE: a[FIRST_PIECE].astype(np.float64)})), "bad-dtype"),
+    "float64": (_mutate_arrays(f=lambda a: a.update(backbone=a[BACKBONE].astype(np.float64))), "bad-dtype"),
     "int32": (_mutate_arrays(f=lambda a: a.update(task_rows=a[TASK_ROWS].astype(np.int32))), "bad-dtype"),
-    "nan": (_mutate_arrays(f=_poke(FIRST_PIECE, np.nan)), "non-finite"),
+    "nan": (_mutate_arrays(f=_poke(BACKBONE, np.nan)), "non-finite"),
     "inf": (_mutate_arrays(f=_poke(MODALITY_ROWS, np.inf)), "non-finite"),
     "num-examples 0": (_set_metric(NUM_EXAMPLES, 0), "bad-num-examples"),
     "num-examples < 0": (_set_metric(NUM_EXAMPLES, -5.0), "bad-num-examples"),
@@ -289,7 +280,7 @@ def test_float16_wire_is_averaged_in_float32(setup):
     _, _, state, grid, make = setup
     strategy = make(wire_dtype="float16")
     msgs = _messages(strategy, state, grid)
-    assert msgs[1].content[ARRAYS_RECORD][FIRST_PIECE].dtype == "float16"
+    assert msgs[1].content[ARRAYS_RECORD][BACKBONE].dtype == "float16"
     replies = [
         _const_reply(msgs[n], v, v, COUNTS[n], np.float16) for n, v in {1: 1.0, 2: 2.0, 3: 4.0}.items()
     ]
