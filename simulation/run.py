@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 MODES = ("federated", "local-only", "centralized")
 FINAL_MODEL = "final_model.pt"
 PUBLISHED_TASK_SLOTS = 72
-# demo defaults: base 8, 32^3 patches at 3 mm, 5 sites; measured 11 min for the whole `hermes-sim run` on a
-# shared, heavily loaded 2-core CPU (sarcoma Dice 0.17 over 3 modalities, 0.36 on the CT site)
+# demo defaults: base 8, 32^3 patches at 3 mm, 5 sites; measured 3.5 min for the whole `hermes-sim run` on a
+# quiet 2-core CPU (sarcoma Dice 0.21 over 3 modalities, 0.37 on the CT site)
 DEFAULT_ROUNDS = 5
 DEFAULT_LOCAL_ITERATIONS = 20
 DEFAULT_BASE_CHANNELS = 8
