@@ -41,8 +41,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="fraction of a GPU per virtual site, e.g. 0.25 = four sites per GPU "
                         "(default: the visible GPUs shared by the sites; 0 without a GPU)")
     parser.add_argument("--cpus-per-site", type=int, default=None,
-                        help="CPU cores per virtual site, a whole number (default: the machine's cores shared by "
-                        "the sites, at least 1; with fewer cores than sites, all sites run at once and share them)")
+                        help="CPU cores per virtual site, a whole number; sites beyond the machine's cores wait "
+                        "for a free one (default: the cores shared by the sites, at least 1 each; with fewer cores "
+                        "than sites all sites run at once and time-share the cores, one process per site in memory)")
     parser.add_argument("--evaluate-every", type=int, default=None,
                         help="evaluate on the validation splits every N rounds (default: the last round "
                         "only; "

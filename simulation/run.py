@@ -64,8 +64,9 @@ class SimOptions:
         base_channels: width of the network (Hermes-R; Hermes-M has fixed widths).
         run_dir: the run directory (default: a new folder under ``runs/``).
         cpus_per_site / gpus_per_site: resources of one virtual site (Ray); None = automatic: the
-            machine's cores shared by the sites (:func:`auto_cpus_per_site`), the visible GPUs shared by
-            the sites (at most one each; 0 without a GPU).
+            machine's cores shared by the sites (:func:`auto_cpus_per_site`; with fewer cores than sites
+            all of them run at once, :func:`ray_cpus`), the visible GPUs shared by the sites (at most one
+            each; 0 without a GPU). An explicit ``cpus_per_site`` is taken literally.
         evaluate_every: evaluate every N rounds (the last round always); None = the last round only
             (a sliding-window evaluation costs about as much as a round of training on a CPU).
         seed: seed of the initial weights and the patch sampling.
@@ -167,9 +168,10 @@ def ray_cpus(num_sites: int, cpus_per_site: int, gpus_per_site: float) -> int | 
     return needed
 
 
-def parallel_sites(num_sites: int, cpus_per_site: int, gpus_per_site: float) -> int:
-    """How many virtual sites Ray runs at the same time on this machine."""
-    cpus = ray_cpus(num_sites, cpus_per_site, gpus_per_site) or os.cpu_count() or 1
+def parallel_sites(num_sites: int, cpus_per_site: int, gpus_per_site: float,
+                   scheduled_cpus: int | None = None) -> int:
+    """How many virtual sites Ray runs at the same time, given the CPUs it schedules (None: the machine's)."""
+    cpus = scheduled_cpus or os.cpu_count() or 1
     slots = cpus // cpus_per_site
     if gpus_per_site > 0:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -286,11 +288,13 @@ def run_federated(opts: SimOptions) -> SimResult:
     run_dir, staged, config = _prepare(opts, "federated")
     gpus = opts.gpus_per_site if opts.gpus_per_site is not None else auto_gpus_per_site(len(staged))
     cpus = opts.cpus_per_site if opts.cpus_per_site is not None else auto_cpus_per_site(len(staged))
+    # an explicit --cpus-per-site is taken literally: sites beyond the cores wait (less memory at once)
+    ray = ray_cpus(len(staged), cpus, gpus) if opts.cpus_per_site is None else None
     run_config: dict[str, Any] = {
         **config.to_run_config(), SITE_CONFIGS_KEY: ",".join(str(s.path) for s in staged)
     }
     result = run_flower_simulation(run_dir, run_config, len(staged), cpus_per_site=cpus,
-                                   ray_cpus=ray_cpus(len(staged), cpus, gpus),
+                                   ray_cpus=ray,
                                    gpus_per_site=gpus, echo=opts.echo)
     latest = RunStore(run_dir).latest_path()
     ckpt = load_round_checkpoint(latest) if latest is not None else None
@@ -303,7 +307,7 @@ def run_federated(opts: SimOptions) -> SimResult:
     save_final_model(run_dir / FINAL_MODEL, ckpt.model, ckpt.catalog, mode="federated",
                      server_round=ckpt.server_round)
     extra = {"gpus_per_site": gpus, "cpus_per_site": cpus,
-             "parallel_sites": parallel_sites(len(staged), cpus, gpus)}
+             "parallel_sites": parallel_sites(len(staged), cpus, gpus, ray)}
     summary = _summary("federated", opts, config, staged, result.seconds, extra)
     return _finish("federated", run_dir, summary)
 

@@ -29,12 +29,13 @@ def test_cpu_share_lets_every_site_run_at_once(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert auto_cpus_per_site(5) == 1
     assert ray_cpus(5, 1, 0.0) == 5                  # Ray schedules all five sites on the two cores
-    assert parallel_sites(5, 1, 0.0) == 5
+    assert parallel_sites(5, 1, 0.0, ray_cpus(5, 1, 0.0)) == 5
+    assert parallel_sites(5, 1, 0.0) == 2            # Ray's own count: three waves of sites per round
     assert ray_cpus(2, 1, 0.0) is None               # enough cores: Ray's own count
     assert ray_cpus(5, 1, 0.2) is None               # GPU runs are never oversubscribed
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert auto_cpus_per_site(5) == 3
-    assert ray_cpus(5, 3, 0.0) is None and parallel_sites(5, 3, 0.0) == 5
+    assert ray_cpus(5, 3, 0.0) is None and parallel_sites(5, 3, 0.0, None) == 5
     assert _federation_config(5, 1, 0.0, 5).endswith("init-args-num-cpus=5")
     assert "init-args" not in _federation_config(5, 3, 0.0, None)
     assert _options(build_parser().parse_args(["run", "--quick"])).cpus_per_site is None  # automatic
