@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.launch import live, process_tree, signal_processes
+
 logger = logging.getLogger(__name__)
 
 CONNECTION = "hermes-sim"
@@ -130,46 +132,13 @@ def _healthy(port: int) -> bool:
 def descendants(pid: int) -> list[int]:
     """Process ids of every living descendant of ``pid`` (Linux ``/proc``; empty elsewhere), including
     detached ones (a new session keeps its parent process id)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:  # a zombie has exited: only its parent's wait is missing
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+    return sorted(p for p in process_tree(pid) if p != pid)
 
 
 def stop_process_tree(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """Stop ``process`` and every process it started, by process id: SIGTERM first (the SuperLink then
     stops its own children), SIGKILL for whatever still runs after ``timeout_s`` seconds."""
-    tree = descendants(process.pid)
+    tree = process_tree(process.pid, group=process.pid)  # started with start_new_session: it leads a group
     if process.poll() is None:
         process.terminate()
         try:
@@ -177,17 +146,17 @@ def stop_process_tree(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    left = [p for p in tree + descendants(process.pid) if _alive(p)]
-    if not left:
+    tree.update(process_tree(process.pid, group=process.pid))
+    if not live(tree):
         return
-    _signal_all(left, signal.SIGTERM)
+    signal_processes(tree, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in left):
+    while time.monotonic() < deadline and live(tree):
         time.sleep(0.2)
-    survivors = [p for p in left if _alive(p)]
+    survivors = live(tree)
     if survivors:
         logger.warning("killing %d process(es) left by the simulation: %s", len(survivors), survivors)
-        _signal_all(survivors, signal.SIGKILL)
+        signal_processes({pid: tree[pid] for pid in survivors}, signal.SIGKILL)
 
 
 def _federation_config(num_supernodes: int, cpus: int, gpus: float, ray_cpus: int | None) -> str:
