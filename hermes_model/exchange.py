@@ -177,8 +177,8 @@ def from_wire(npy: bytes) -> torch.Tensor:
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
         raise ValueError(f"unsupported .npy format version {version}")
-    if dtype not in (np.float32, np.float16):
-        raise ValueError(f"dtype {dtype} is not float32 or float16")
+    if dtype.name not in WIRE_DTYPES:
+        raise ValueError(f"dtype {dtype} is not {' or '.join(WIRE_DTYPES)}")
     count, offset = math.prod(shape), stream.tell()
     if len(npy) - offset != count * dtype.itemsize:
         raise ValueError(f"{len(npy) - offset} data bytes for {count} {dtype} values of shape {shape}")

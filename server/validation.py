@@ -23,11 +23,11 @@ from hermes_model.exchange import (
     NUM_EXAMPLES,
     TASK_ROW_IDS,
     TASK_ROWS,
+    WIRE_DTYPES,
     StateLayout,
     from_wire,
 )
 
-WIRE_NUMPY_DTYPES = ("float32", "float16")
 DROP_REASONS = (
     "error-reply",  # msg.has_error() (e.g. the node died: NODE_UNAVAILABLE)
     "unexpected-sender",  # a node that was not sent this round's message, or a second reply
@@ -169,8 +169,8 @@ def _echoed_ids(config: ConfigRecord, key: str, expected: tuple[int, ...]) -> tu
 
 def _decode(arrays: ArrayRecord, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     array = arrays[name]
-    if str(array.dtype) not in WIRE_NUMPY_DTYPES:
-        raise ReplyRejected("bad-dtype", f"{name}: dtype {array.dtype!r}, allowed {list(WIRE_NUMPY_DTYPES)}")
+    if str(array.dtype) not in WIRE_DTYPES:
+        raise ReplyRejected("bad-dtype", f"{name}: dtype {array.dtype!r}, allowed {list(WIRE_DTYPES)}")
     if tuple(array.shape) != shape:
         raise ReplyRejected("bad-shape", f"{name}: shape {tuple(array.shape)}, expected {shape}")
     try:
