@@ -57,15 +57,13 @@ from flwr.serverapp.strategy import FedAvg
 from hermes_model.catalog import Catalog
 from hermes_model.exchange import (
     ARRAYS_RECORD,
-    BACKBONE,
     CONFIG_RECORD,
+    EXCHANGE_ARRAYS,
     METRICS_RECORD,
     MODALITY_ROW_IDS,
-    MODALITY_ROWS,
     NUM_EXAMPLES,
     SITE_RECORD,
     TASK_ROW_IDS,
-    TASK_ROWS,
     to_wire,
 )
 
@@ -73,7 +71,6 @@ logger = logging.getLogger("round_overhead")
 
 BENCH_SITE_KEY = "bench-site"  # SuperNode node config: index of the catalog dataset this site holds
 SITE_DATASETS = ("lits", "kits", "amos_ct", "amos_mr", "bcv", "structseg_oar")
-ARRAY_NAMES = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
 ROLES = {"flower-superlink": "superlink", "flower-supernode": "supernode", "flwr-serverapp": "serverapp",
          "flwr-clientapp": "clientapp", "flower-superexec": "superexec"}
 
@@ -106,7 +103,7 @@ def echo_train(msg: Message, context: Context) -> Message:
     wire = str(config["wire-dtype"])
     shift = 1e-3 * (1 + int(context.node_config[BENCH_SITE_KEY]))
     out = {}
-    for name in ARRAY_NAMES:
+    for name in EXCHANGE_ARRAYS:
         tensor = torch.from_numpy(np.array(arrays[name].numpy(), dtype=np.float32)).add_(shift)
         out[name] = Array(to_wire(tensor, wire).numpy())
     content = RecordDict({

@@ -51,7 +51,6 @@ SITE_CONFIG_KEY = "site-config"    # node config (SuperNode --node-config)
 SITE_CONFIGS_KEY = "site-configs"  # run config (simulation): paths separated by ","
 PARTITION_KEY = "partition-id"     # node config of a simulated client
 NAME_KEY, DATASETS_KEY = "name", "datasets"  # the query reply's ConfigRecord entries
-ARRAY_NAMES = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
 
 app = ClientApp()
 

@@ -27,6 +27,7 @@ CONFIG_RECORD = "config"      # ConfigRecord: round config (server -> site), row
 METRICS_RECORD = "metrics"    # MetricRecord: aggregate numbers only (site -> server)
 SITE_RECORD = "site"          # ConfigRecord: a site's answer to the query message
 BACKBONE, TASK_ROWS, MODALITY_ROWS = "backbone", "task_rows", "modality_rows"
+EXCHANGE_ARRAYS = (BACKBONE, TASK_ROWS, MODALITY_ROWS)  # the arrays of every train/evaluate message
 TASK_ROW_IDS, MODALITY_ROW_IDS = "task_row_ids", "modality_row_ids"
 NUM_EXAMPLES = "num-examples"  # samples trained (train) or cases evaluated (evaluate)
 

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from hermes_model.exchange import BACKBONE, MODALITY_ROWS, TASK_ROWS, StateLayout
-
-GLOBAL_ARRAYS = (BACKBONE, TASK_ROWS, MODALITY_ROWS)
+from hermes_model.exchange import BACKBONE, EXCHANGE_ARRAYS, MODALITY_ROWS, TASK_ROWS, StateLayout
 
 
 @dataclass
@@ -54,20 +52,20 @@ class GlobalState:
         return ArrayRecord(
             {
                 n: Array(t.detach().float().cpu().numpy())
-                for n, t in zip(GLOBAL_ARRAYS, self.tensors(), strict=True)
+                for n, t in zip(EXCHANGE_ARRAYS, self.tensors(), strict=True)
             }
         )
 
     @classmethod
     def from_record(cls, record: ArrayRecord, layout: StateLayout) -> GlobalState:
         """Inverse of :meth:`to_record`; checks names and shapes against ``layout``."""
-        if sorted(record.keys()) != sorted(GLOBAL_ARRAYS):
+        if sorted(record.keys()) != sorted(EXCHANGE_ARRAYS):
             raise ValueError(
-                f"global ArrayRecord must hold {list(GLOBAL_ARRAYS)}, got {sorted(record.keys())}"
+                f"global ArrayRecord must hold {list(EXCHANGE_ARRAYS)}, got {sorted(record.keys())}"
             )
         expected = expected_global_shapes(layout)
         out = []
-        for name in GLOBAL_ARRAYS:
+        for name in EXCHANGE_ARRAYS:
             arr = np.asarray(record[name].numpy(), dtype=np.float32)
             if tuple(arr.shape) != expected[name]:
                 raise ValueError(f"global array {name!r} has shape {arr.shape}, expected {expected[name]}")
