@@ -18,7 +18,16 @@ from pathlib import Path
 
 from hermes_model.factory import available_models
 from simulation.compare import COMPARE_PNG, format_comparison, load_runs, write_comparison
-from simulation.run import SimOptions, describe, run_mode
+from simulation.run import (
+    DEFAULT_BASE_CHANNELS,
+    DEFAULT_LOCAL_ITERATIONS,
+    DEFAULT_ROUNDS,
+    QUICK_LOCAL_ITERATIONS,
+    QUICK_ROUNDS,
+    SimOptions,
+    describe,
+    run_mode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +37,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="site config files (default: the bundled demo federation "
                         "site_configs/demo/*.yaml)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="federated rounds (default 5; --quick: 2); local-only and centralized train the "
+                        help=f"federated rounds (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS}); local-only and "
+                        "centralized train the "
                         "same number of rounds of --local-iterations steps")
     parser.add_argument("--local-iterations", type=int, default=None,
-                        help="optimiser steps per site per round (default 20; --quick: 10)")
+                        help=f"optimiser steps per site per round (default {DEFAULT_LOCAL_ITERATIONS}; "
+                        f"--quick: {QUICK_LOCAL_ITERATIONS})")
     parser.add_argument("--model", default="hermes-r", choices=available_models(),
                         help="the network (default hermes-r)")
-    parser.add_argument("--base-channels", type=int, default=8, help="Hermes-R width (default 8)")
+    parser.add_argument("--base-channels", type=int, default=DEFAULT_BASE_CHANNELS,
+                        help=f"Hermes-R width (default {DEFAULT_BASE_CHANNELS})")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="folder for everything of the run (default: a new folder under runs/)")
     parser.add_argument("--gpus-per-site", type=float, default=None,

@@ -7,6 +7,7 @@ from simulation.flower import _federation_config
 from simulation.run import (
     SimOptions,
     auto_cpus_per_site,
+    busy_seconds,
     parallel_sites,
     ray_cpus,
     server_config,
@@ -42,3 +43,18 @@ def test_cpu_share_lets_every_site_run_at_once(monkeypatch):
     for bad in (0, 0.5, True):
         with pytest.raises(ValueError, match="cpus-per-site must be a whole number"):
             SimOptions(cpus_per_site=bad)
+
+
+def _line(phase, round_, site, seconds, status="ok"):
+    key = "train-time-s" if phase == "train" else "eval-time-s"
+    return {"phase": phase, "scope": "site", "round": round_, "site": site, key: seconds, "status": status}
+
+
+def test_busy_time_counts_a_round_once_when_its_sites_run_side_by_side():
+    lines = [_line("train", 1, "a", 10.0), _line("train", 1, "b", 12.0), _line("train", 1, "c", 11.0),
+             _line("train", 2, "a", 9.0), _line("train", 2, "b", 8.0), _line("train", 2, "c", 5.0, "failed"),
+             _line("evaluate", 2, "a", 3.0), _line("evaluate", 2, "b", 4.0),
+             {"phase": "train", "scope": "aggregate", "round": 1, "train-time-s": 99.0}]
+    assert busy_seconds(lines, parallel=3) == pytest.approx(12.0 + 9.0 + 4.0)   # slowest site per phase
+    assert busy_seconds(lines, parallel=1) == pytest.approx(33.0 + 17.0 + 7.0)  # one at a time: the sum
+    assert busy_seconds(lines, parallel=2) == pytest.approx(16.5 + 9.0 + 4.0)   # waves: total / parallel
