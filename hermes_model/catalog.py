@@ -371,17 +371,28 @@ def _parse_split(where: str, raw: Any, errors: list[str]) -> dict[str, tuple[str
     return split
 
 
+_WARNED: set[str] = set()  # split warnings already logged by this process
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` the first time only: every process that loads the catalog (each site, each Ray actor,
+    each round) would otherwise repeat the same warning about the same file."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
 def _warn_split_problems(where: str, split: Mapping[str, Sequence[str]]) -> None:
     for key, cases in split.items():
         dupes = sorted(c for c, n in Counter(cases).items() if n > 1)
         if dupes:
-            logger.warning("%s.split.%s lists case ids more than once: %s", where, key, dupes)
+            _warn_once(f"{where}.split.{key} lists case ids more than once: {dupes}")
     names = list(split)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             both = sorted(set(split[a]) & set(split[b]))
             if both:
-                logger.warning("%s.split: case ids in both %s and %s: %s", where, a, b, both)
+                _warn_once(f"{where}.split: case ids in both {a} and {b}: {both}")
 
 
 def _parse_sample_weight(where: str, value: Any, errors: list[str]) -> float:
