@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hermes_model.factory import available_models
+from server.config import STRATEGIES, ServerConfig
 from simulation.compare import COMPARE_PNG, format_comparison, load_runs, write_comparison
 from simulation.run import (
     DEFAULT_BASE_CHANNELS,
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the federated run in --run-dir from its latest checkpoint up to --rounds")
     run.add_argument("--local-only", action="store_true",
                      help="each site trains alone for the same number of local steps (no Flower)")
+    run.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
+                     help="server aggregation (default fedavg; fedprox needs --proximal-mu > 0)")
+    run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's proximal weight mu")
+    run.add_argument("--server-lr", type=float, default=None, help="FedAdam's server learning rate (default "
+                     f"{ServerConfig.model_fields['server_lr'].default})")
     central = sub.add_parser("centralized", help="one model on the pooled training splits of the sites")
     _add_run_options(central)
     compare = sub.add_parser("compare", help="side-by-side Dice of several runs (table + bar plot)")
@@ -93,6 +99,8 @@ def _options(args: argparse.Namespace) -> SimOptions:
         model=args.model, base_channels=args.base_channels, run_dir=args.run_dir, cpus_per_site=args.cpus_per_site,
         gpus_per_site=args.gpus_per_site, evaluate_every=args.evaluate_every, seed=args.seed, lr=args.lr,
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
+        strategy=getattr(args, "strategy", "fedavg"), proximal_mu=getattr(args, "proximal_mu", 0.0),
+        server_lr=getattr(args, "server_lr", None),
     )
 
 

@@ -70,6 +70,8 @@ class SimOptions:
             (a sliding-window evaluation costs about as much as a round of training on a CPU).
         seed: seed of the initial weights and the patch sampling.
         lr: base learning rate.
+        strategy, proximal_mu, server_lr: the server's aggregation (``server.config.STRATEGIES``; FedProx's
+            mu; FedAdam's learning rate, None = the server's default); federated runs only.
         quick: the small smoke-test schedule (2 rounds, 2 sites, few steps) unless set explicitly.
         echo: copy Flower's output to the console.
         resume: continue the federated run in ``run_dir`` from its latest round checkpoint (up to
@@ -87,6 +89,9 @@ class SimOptions:
     evaluate_every: int | None = None
     seed: int = 0
     lr: float = 2e-3
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float | None = None
     quick: bool = False
     echo: bool = True
     resume: bool = False
@@ -197,6 +202,7 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
     ``local-iterations``), the schedule ending with the last round, no warm-up (the recipe's
     epoch-wise warm-up would keep the learning rate near 0 for whole rounds of a short run)."""
     assert opts.rounds is not None and opts.local_iterations is not None
+    server_lr = {} if opts.server_lr is None else {"server_lr": opts.server_lr}
     return ServerConfig(
         num_server_rounds=opts.rounds,
         local_iterations=opts.local_iterations,
@@ -214,6 +220,9 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         iters_per_epoch=opts.local_iterations,
         total_epochs=opts.rounds,
         warmup_epochs=0,
+        strategy=opts.strategy,
+        proximal_mu=opts.proximal_mu,
+        **server_lr,
     )
 
 

@@ -58,3 +58,18 @@ def test_busy_time_counts_a_round_once_when_its_sites_run_side_by_side():
     assert busy_seconds(lines, parallel=3) == pytest.approx(12.0 + 9.0 + 4.0)   # slowest site per phase
     assert busy_seconds(lines, parallel=1) == pytest.approx(33.0 + 17.0 + 7.0)  # one at a time: the sum
     assert busy_seconds(lines, parallel=2) == pytest.approx(16.5 + 9.0 + 4.0)   # waves: total / parallel
+
+
+def test_strategy_options_reach_the_server_config(tmp_path):
+    def config(*flags):
+        run_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        opts = _options(build_parser().parse_args(["run", "--quick", "--run-dir", str(run_dir), *flags]))
+        return server_config(opts, stage_sites(opts.sites, run_dir), run_dir)
+
+    assert config().strategy == "fedavg"
+    prox = config("--strategy", "fedprox", "--proximal-mu", "0.01")
+    assert (prox.strategy, prox.proximal_mu) == ("fedprox", 0.01)
+    adam = config("--strategy", "fedadam", "--server-lr", "0.05")
+    assert (adam.strategy, adam.server_lr) == ("fedadam", 0.05)
+    with pytest.raises(ValueError, match="needs proximal-mu > 0"):
+        config("--strategy", "fedprox")
