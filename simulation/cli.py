@@ -39,8 +39,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "site_configs/demo/*.yaml)")
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"federated rounds (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS}); local-only and "
-                        "centralized train the "
-                        "same number of rounds of --local-iterations steps")
+                        "centralized train the same number of rounds of --local-iterations steps")
     parser.add_argument("--local-iterations", type=int, default=None,
                         help=f"optimiser steps per site per round (default {DEFAULT_LOCAL_ITERATIONS}; "
                         f"--quick: {QUICK_LOCAL_ITERATIONS})")
