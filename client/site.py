@@ -375,6 +375,9 @@ class Site:
         start = time.perf_counter()
         datasets = self.open_datasets(request.task_map, "train")
         multi = len(self.devices) > 1
+        gpu = self.primary_device if self.primary_device.type == "cuda" and not multi else None
+        if gpu is not None:
+            torch.cuda.reset_peak_memory_stats(gpu)
         engine, layout, resumed = self._engine(request, torch.device("cpu") if multi else self.primary_device)
         training = self.config.training
         data = TrainData(
@@ -398,6 +401,8 @@ class Site:
         state = engine.model.state_dict()
         metrics = {NUM_EXAMPLES: result.samples, **result.metrics(),
                    "train-time-s": time.perf_counter() - start}
+        if gpu is not None:  # one device: this process's peak (DDP workers are other processes)
+            metrics["gpu-peak-mib"] = torch.cuda.max_memory_allocated(gpu) / 2**20
         self._log_round("train", request.server_round, metrics, result)
         return TrainReply(
             backbone=to_wire(layout.backbone(state), request.wire_dtype),

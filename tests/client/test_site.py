@@ -144,6 +144,14 @@ def test_two_training_rounds(site: Site) -> None:
     assert [(h["kind"], h["round"]) for h in history][-2:] == [("train", 1), ("train", 2)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_site_reports_its_peak_gpu_memory(tmp_path: Path) -> None:
+    site = Site.from_path(write_site(tmp_path, devices=[0]))
+    reply = site.train(make_request(1))
+    assert reply.metrics["gpu-peak-mib"] > 0
+    assert site.train(make_request(2, seed=1)).metrics["gpu-peak-mib"] > 0  # reset each round, not 0
+
+
 def test_bad_tensors_are_protocol_errors(site: Site) -> None:
     request = make_request(1)
     with pytest.raises(ProtocolError, match="backbone must be a vector"):
