@@ -384,6 +384,8 @@ def _plot_series(ax: Any, series: Series, ylabel: str, title: str, ylim: tuple[f
     ax.grid(True, alpha=0.3)
     if ylim is not None:
         ax.set_ylim(*ylim)
+    if not series:  # e.g. a run without evaluation: an empty panel, no legend
+        return
     ncol = max(1, math.ceil(len(series) / 25))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=ncol, frameon=False)
 
