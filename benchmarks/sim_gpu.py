@@ -84,15 +84,17 @@ def site_configs(folder: Path, patch: int) -> list[Path]:
 def summarise(run_dir: Path) -> dict[str, Any]:
     """Round times and per-site seconds and GPU peaks from the run's ``metrics.jsonl``."""
     lines = [x for x in read_metrics(run_dir) if x.get("phase") == "train"]
-    sites = [x for x in lines if x.get("scope") == "site"]
-    peaks = {}
-    for x in sites:
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
+    for x in lines:
+        if x.get("scope") != "site":
+            continue
+        times.setdefault(x["site"], []).append(round(float(x["train-time-s"]), 2))
         if "gpu-peak-mib" in x:
             peaks[x["site"]] = round(max(peaks.get(x["site"], 0.0), float(x["gpu-peak-mib"])), 1)
     return {
         "round_time_s": [x.get("round-time-s") for x in lines if x.get("scope") == "aggregate"],
-        "site_train_time_s": {x["site"]: [round(float(y["train-time-s"]), 2) for y in sites if y["site"] == x["site"]]
-                              for x in sites},
+        "site_train_time_s": times,
         "site_gpu_peak_mib": peaks,
     }
 
