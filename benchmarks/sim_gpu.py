@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 
+from client.config import load_site_config
 from simulation.report import read_metrics
 from simulation.run import DEFAULT_LOCAL_ITERATIONS, SimOptions, run_mode
 from simulation.sites import demo_site_paths
@@ -70,10 +71,11 @@ def site_configs(folder: Path, patch: int) -> list[Path]:
     for path in demo_site_paths():
         if path.stem not in SITES:
             continue
+        config = load_site_config(path)  # resolves the relative paths
         raw = yaml.safe_load(path.read_text())
-        raw["work_dir"] = str((path.parent / raw["work_dir"]).resolve())
-        for ds in raw["datasets"]:
-            ds["source"] = str((path.parent / ds["source"]).resolve())
+        raw["work_dir"] = str(config.work_dir)
+        for item, ds in zip(raw["datasets"], config.datasets, strict=True):
+            item["source"] = str(ds.source)
         raw["training"]["patch_size"] = patch
         target = folder / path.name
         target.write_text(yaml.safe_dump(raw, sort_keys=False))
