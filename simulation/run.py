@@ -372,6 +372,10 @@ def run_mode(mode: str, opts: SimOptions) -> SimResult:
     }
     if mode not in runners:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    aggregation = (opts.strategy, opts.proximal_mu, opts.server_lr) != ("fedavg", 0.0, None)
+    if mode != "federated" and aggregation:
+        raise ValueError(f"--strategy, --proximal-mu and --server-lr set the server's aggregation: federated "
+                         f"runs only, not {mode}")
     return runners[mode](opts)
 
 

@@ -10,6 +10,7 @@ from simulation.run import (
     busy_seconds,
     parallel_sites,
     ray_cpus,
+    run_mode,
     server_config,
     stage_sites,
 )
@@ -73,3 +74,6 @@ def test_strategy_options_reach_the_server_config(tmp_path):
     assert (adam.strategy, adam.server_lr) == ("fedadam", 0.05)
     with pytest.raises(ValueError, match="needs proximal-mu > 0"):
         config("--strategy", "fedprox")
+    with pytest.raises(ValueError, match="federated runs only, not local-only"):
+        run_mode("local-only", SimOptions(quick=True, strategy="fedadam", run_dir=tmp_path / "local"))
+    assert not (tmp_path / "local").exists()  # refused before anything is written
