@@ -30,7 +30,7 @@ import yaml
 
 from client.config import load_site_config
 from simulation.report import read_metrics
-from simulation.run import DEFAULT_LOCAL_ITERATIONS, SimOptions, run_mode
+from simulation.run import DEFAULT_LOCAL_ITERATIONS, SimOptions, run_mode, site_lines
 from simulation.sites import demo_site_paths
 
 SITES = ("brats-flair", "sarcoma-ct", "sarcoma-mr", "sarcoma-pet")
@@ -85,17 +85,16 @@ def site_configs(folder: Path, patch: int) -> list[Path]:
 
 def summarise(run_dir: Path) -> dict[str, Any]:
     """Round times and per-site seconds and GPU peaks from the run's ``metrics.jsonl``."""
-    lines = [x for x in read_metrics(run_dir) if x.get("phase") == "train"]
+    lines = read_metrics(run_dir)
     times: dict[str, list[float]] = {}
     peaks: dict[str, float] = {}
-    for x in lines:
-        if x.get("scope") != "site":
-            continue
+    for x in site_lines(lines, "train"):  # the valid replies only
         times.setdefault(x["site"], []).append(round(float(x["train-time-s"]), 2))
         if "gpu-peak-mib" in x:
             peaks[x["site"]] = round(max(peaks.get(x["site"], 0.0), float(x["gpu-peak-mib"])), 1)
     return {
-        "round_time_s": [x.get("round-time-s") for x in lines if x.get("scope") == "aggregate"],
+        "round_time_s": [x.get("round-time-s") for x in lines
+                         if x.get("phase") == "train" and x.get("scope") == "aggregate"],
         "site_train_time_s": times,
         "site_gpu_peak_mib": peaks,
     }

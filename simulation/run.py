@@ -240,7 +240,7 @@ def _prepare(opts: SimOptions, mode: str) -> tuple[Path, list[StagedSite], Serve
     return run_dir, staged, server_config(opts, staged, run_dir)
 
 
-def _site_lines(lines: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+def site_lines(lines: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
     """The valid per-site lines of ``phase``."""
     return [x for x in lines
             if x.get("phase") == phase and x.get("scope") == "site" and x.get("status", "ok") == "ok"]
@@ -248,7 +248,7 @@ def _site_lines(lines: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]
 
 def _seconds(lines: list[dict[str, Any]], phase: str, key: str) -> float:
     """Sum of ``key`` over the valid site lines of ``phase``."""
-    return sum(float(x.get(key, 0.0)) for x in _site_lines(lines, phase))
+    return sum(float(x.get(key, 0.0)) for x in site_lines(lines, phase))
 
 
 def _train_eval_seconds(lines: list[dict[str, Any]]) -> tuple[float, float]:
@@ -264,7 +264,7 @@ def busy_seconds(lines: list[dict[str, Any]], parallel: int) -> float:
     total = 0.0
     for phase, key in (("train", "train-time-s"), ("evaluate", "eval-time-s")):
         per_round: dict[int, list[float]] = {}
-        for x in _site_lines(lines, phase):
+        for x in site_lines(lines, phase):
             per_round.setdefault(int(x["round"]), []).append(float(x.get(key, 0.0)))
         total += sum(max(max(times), sum(times) / parallel) for times in per_round.values())
     return total
