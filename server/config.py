@@ -54,6 +54,7 @@ class ServerConfig(BaseModel):
         min_sites_per_round: valid replies a round needs; fewer and the round keeps the previous model.
         sites_per_round: sites sampled per round (0 = every connected site).
         start_timeout_s / round_timeout_s / query_timeout_s: bounded waits, in seconds.
+        poll_interval_s: how often the server looks for connected sites and for replies.
         evaluate_every: federated evaluation every N rounds (0 = never; the last round always if > 0).
         strategy: ``fedavg`` (default), ``fedprox`` (needs ``proximal_mu`` > 0) or ``fedadam``.
         weighting: ``samples`` (weight = num-examples) or ``uniform``.
@@ -77,7 +78,7 @@ class ServerConfig(BaseModel):
     start_timeout_s: float = Field(600.0, gt=0)
     round_timeout_s: float = Field(24 * 3600.0, gt=0)
     query_timeout_s: float = Field(600.0, gt=0)
-    poll_interval_s: float = Field(1.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
     local_iterations: int = Field(400, ge=1)
     evaluate_every: int = Field(1, ge=0)
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"

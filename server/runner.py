@@ -111,6 +111,26 @@ def strategy_options(config: ServerConfig, model: nn.Module) -> StrategyOptions:
     )
 
 
+# ----------------------------------------------------------------------------------------------- messages
+def send_and_collect(grid: Grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
+    """``grid.send_and_receive`` with our poll interval (Flower's deployment grid looks for replies every
+    3 s): push ``messages``, then pull their replies every ``poll_s`` seconds until each has one or
+    ``timeout_s`` seconds have passed."""
+    deadline = time.monotonic() + timeout_s
+    pending = [message_id for message_id in grid.push_messages(messages) if message_id]
+    replies: list[Message] = []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies += arrived
+        answered = {reply.metadata.reply_to_message_id for reply in arrived}
+        pending = [message_id for message_id in pending if message_id not in answered]
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            break
+        time.sleep(min(poll_s, remaining))
+    return replies
+
+
 # ----------------------------------------------------------------------------------------------- sites
 def wait_for_sites(grid: Grid, min_sites: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:
     """Poll ``grid.get_node_ids()`` until ``min_sites`` nodes are connected; never waits past ``timeout_s``.
@@ -139,7 +159,7 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout_s: float, poll_s: float =
 
 
 def query_sites(
-    grid: Grid, node_ids: list[int], catalog: Catalog, timeout_s: float
+    grid: Grid, node_ids: list[int], catalog: Catalog, timeout_s: float, poll_s: float
 ) -> dict[int, tuple[str, list[SiteDataset]]]:
     """Send ``query`` to ``node_ids``; node id -> (site name, datasets) of every valid reply.
 
@@ -155,7 +175,7 @@ def query_sites(
         for n in node_ids
     ]
     out: dict[int, tuple[str, list[SiteDataset]]] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+    for reply in send_and_collect(grid, messages, timeout_s, poll_s):
         node = reply.metadata.src_node_id
         try:
             out[node] = _parse_query_reply(reply, node)
@@ -233,7 +253,9 @@ class FederatedRun:
             logger.warning("site %r (node %d) disconnected", nodes.pop(node), node)
         self._silent_rejected &= connected
         new = sorted(connected - set(nodes) - self._silent_rejected)
-        answers = query_sites(self.grid, new, self.catalog, self.config.query_timeout_s)
+        answers = query_sites(
+            self.grid, new, self.catalog, self.config.query_timeout_s, self.config.poll_interval_s
+        )
         for node, (site, datasets) in sorted(answers.items(), key=lambda kv: kv[1][0]):
             if site in nodes.values():
                 logger.error("node %d claims site %r, already connected as another node: ignored", node, site)
@@ -322,7 +344,7 @@ class FederatedRun:
                     "skipped": 1,
                 }
             ]
-        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s)
+        replies = send_and_collect(self.grid, messages, self.config.round_timeout_s, self.config.poll_interval_s)
         new, _ = self.strategy.aggregate_train(server_round, replies)
         return (arrays if new is None else new), list(self.strategy.round_lines)
 
@@ -330,7 +352,7 @@ class FederatedRun:
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         if not messages:
             return []
-        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s)
+        replies = send_and_collect(self.grid, messages, self.config.round_timeout_s, self.config.poll_interval_s)
         self.strategy.aggregate_evaluate(server_round, replies)
         return list(self.strategy.round_lines)
 

@@ -129,12 +129,13 @@ class FakeSite:
 
 
 class FakeGrid(Grid):
-    """A Grid whose ``send_and_receive`` hands each message to the fake site of its node."""
+    """A Grid that hands each pushed message to the fake site of its node when its reply is pulled."""
 
     def __init__(self, sites: dict[int, FakeSite], crash_at_round: int | None = None) -> None:
         self.sites = sites
         self.crash_at_round = crash_at_round
         self.sent: list[Message] = []
+        self._pending: dict[str, Message] = {}
 
     def set_run(self, run: Any) -> None:  # not used in process
         self._run = run
@@ -159,23 +160,31 @@ class FakeGrid(Grid):
         return list(self.sites)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
+        ids = []
         for msg in messages:
             self.sent.append(msg)
             if self.crash_at_round is not None and msg.metadata.group_id == str(self.crash_at_round):
                 raise RuntimeError(f"simulated server crash in round {self.crash_at_round}")
-            reply = self.sites[msg.metadata.dst_node_id].handle(msg)
+            message_id = f"message-{len(self.sent)}"
+            msg.metadata.__dict__["_message_id"] = message_id  # as the SuperLink does on push
+            self._pending[message_id] = msg
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Hand the pending messages to their sites now; a site that does not reply sends nothing."""
+        replies = []
+        for message_id in message_ids:
+            msg = self._pending.pop(message_id, None)
+            reply = None if msg is None else self.sites[msg.metadata.dst_node_id].handle(msg)
             if reply is not None:
                 replies.append(reply)
         return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
 
 
 def error_reply(msg: Message) -> Message:

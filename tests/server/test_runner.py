@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from hermes_model import load_checkpoint
 from server.app import app
 from server.checkpoint import RunStore, load_round_checkpoint
 from server.config import ServerConfig
-from server.runner import SiteWaitTimeout, initial_model, run_federation
+from server.runner import SiteWaitTimeout, initial_model, run_federation, send_and_collect
 from tests.server.fakes import FakeGrid, FakeSite, dataset_json, small_catalog
 
 ALPHA = ("alpha", "CT", {1: "liver", 2: "tumour"})
@@ -127,6 +127,50 @@ def test_existing_run_dir_needs_resume(tmp_path):
         )
 
 
+class _SlowGrid(FakeGrid):
+    """Node n's reply can be pulled ``delays[n]`` seconds after the push (None: never)."""
+
+    def __init__(self, delays: dict[int, float | None]) -> None:
+        super().__init__({})
+        self.delays, self.pulls = delays, 0
+
+    def push_messages(self, messages):
+        self.pushed_at = time.monotonic()
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        waited = time.monotonic() - self.pushed_at
+        replies = []
+        for message_id in message_ids:
+            msg = self._pending[message_id]
+            delay = self.delays[msg.metadata.dst_node_id]
+            if delay is not None and waited >= delay:
+                replies.append(Message(RecordDict(), reply_to=self._pending.pop(message_id)))
+        return replies
+
+
+def _messages(*nodes: int) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN, ttl=60.0) for n in nodes]
+
+
+def test_replies_are_collected_as_they_arrive_not_on_flowers_3_s_cadence():
+    grid = _SlowGrid({1: 0.0, 2: 0.3})
+    t0 = time.monotonic()
+    replies = send_and_collect(grid, _messages(2, 1), timeout_s=30, poll_s=0.05)
+    elapsed = time.monotonic() - t0
+    assert [r.metadata.reply_to_message_id for r in replies] == ["message-2", "message-1"]  # arrival order
+    assert 0.3 <= elapsed < 1.5 and grid.pulls >= 3
+
+
+def test_collecting_replies_stops_at_the_timeout_with_those_that_came():
+    grid = _SlowGrid({1: 0.0, 2: None})
+    t0 = time.monotonic()
+    replies = send_and_collect(grid, _messages(1, 2), timeout_s=0.4, poll_s=0.05)
+    assert 0.4 <= time.monotonic() - t0 < 1.5
+    assert [r.metadata.reply_to_message_id for r in replies] == ["message-1"]
+
+
 def test_start_timeout_is_a_clear_error_not_a_hang(tmp_path):
     sites = _sites()
     cfg = _config(tmp_path, "run", min_sites=4, start_timeout_s=0.3)
@@ -142,6 +186,7 @@ def test_rounds_with_too_few_replies_keep_the_model(tmp_path):
     cfg = _config(
         tmp_path,
         "run",
+        round_timeout_s=0.5,
         num_server_rounds=2,
         sites_per_round=0,
         min_sites_per_round=2,
