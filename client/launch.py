@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from client.config import SiteConfig, load_site_config
+from hermes_model.daemon_env import daemon_env
 
 logger = logging.getLogger(__name__)
 
@@ -239,12 +240,7 @@ def start_supernode(
                              port=port, max_retries=max_retries)
     work = config.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    scripts = str(Path(args[0]).parent)  # the daemon starts flower-superexec and flwr-clientapp by name
-    env["PATH"] = os.pathsep.join([scripts, *(p for p in env.get("PATH", "").split(os.pathsep) if p)])
-    env["FLWR_HOME"] = str(work / "flwr-home")
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.update(extra_env or {})
+    env = daemon_env(Path(args[0]).parent, work / "flwr-home", extra_env)
     log = Path(log_path).resolve() if log_path is not None else None
     stream: IO[bytes] | None = None
     if log is not None:

@@ -46,6 +46,7 @@ from typing import IO, Any
 
 import tomli_w
 
+from hermes_model.daemon_env import daemon_env
 from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -77,16 +78,8 @@ def flower_executable(name: str) -> str:
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a Flower process: ``FLWR_HOME`` set, telemetry off unless the user set it, and
-    the folder of Flower's console scripts first on ``PATH`` (the daemons start ``flower-superexec``,
-    ``flwr-serverapp`` and ``flwr-clientapp`` by name)."""
-    env = dict(os.environ)
-    scripts = str(Path(flower_executable("flwr")).parent)
-    env["PATH"] = os.pathsep.join([scripts, *(p for p in env.get("PATH", "").split(os.pathsep) if p)])
-    env["FLWR_HOME"] = str(flwr_home)
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.update(extra or {})
-    return env
+    """The environment of a Flower process started from this Python environment (see ``daemon_env``)."""
+    return daemon_env(Path(flower_executable("flwr")).parent, flwr_home, extra)
 
 
 def proc_table() -> dict[int, tuple[int, int, str, int]]:

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from client.launch import SuperNodeHandle, start_supernode
+from hermes_model.daemon_env import MALLOC_ARENAS
 from server.checkpoint import RunStore
 from server.cli import write_keys
 from server.config import ServerConfig
@@ -54,6 +55,11 @@ def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     monkeypatch.delenv("FLWR_HOME", raising=False)
     yield
     assert not (tmp_path / "home" / ".flwr").exists()
+
+
+def _environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
 def free_port() -> int:
@@ -189,6 +195,8 @@ def test_tls_authenticated_federation_survives_a_killed_site(
     killed = nodes["site-c"]
     started_by_c = killed.members()
     assert len(started_by_c) >= 2  # the SuperNode and its SuperExec at least
+    for pid in (link.pid, killed.pid):  # the launchers' environment (a Flower daemon's children inherit it)
+        assert _environment(pid)["MALLOC_ARENA_MAX"] == MALLOC_ARENAS
     killed.kill()
     assert not killed.members() and not [p for p in started_by_c if pid_alive(p)]
 
