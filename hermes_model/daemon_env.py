@@ -6,8 +6,9 @@ import os
 from collections.abc import Mapping
 
 # glibc keeps one malloc arena per thread that allocates (up to 8 per core), and each arena holds on to
-# freed message buffers; two arenas cut the SuperLink's and SuperNodes' peak memory by 10-20 % in
-# benchmarks/round_overhead.py at the same round time (training step time unchanged, see the README).
+# freed message buffers; two arenas cut the median peak memory of the SuperLink by 10 % and of the
+# SuperNodes by 18 % in benchmarks/round_overhead.py, at the same round time and training step time
+# (README, "Tests and communication benchmark").
 MALLOC_ARENAS = "2"
 
 
