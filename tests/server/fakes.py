@@ -1,4 +1,4 @@
-"""In-process stand-ins for the Flower runtime: a Grid that calls fake sites directly, and the sites.
+"""In-process stand-ins for the Flower runtime: a LocalGrid that calls fake sites directly, and the sites.
 
 The fake sites follow the protocol (/server <-> client contract): they answer ``query`` with their
 datasets and ``train`` with the received arrays plus a delta drawn from the round seed they were sent.
@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.clientapp import ClientApp
 
 from hermes_model.catalog import Catalog
 from hermes_model.exchange import (
@@ -29,6 +28,7 @@ from hermes_model.exchange import (
     TASK_ROW_IDS,
     TASK_ROWS,
 )
+from server.local_grid import LocalGrid
 
 SMALL_CATALOG = {
     "datasets": {
@@ -128,63 +128,27 @@ class FakeSite:
         return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)
 
 
-class FakeGrid(Grid):
-    """A Grid that hands each pushed message to the fake site of its node when its reply is pulled."""
+class FakeGrid(LocalGrid):
+    """A LocalGrid whose nodes are fake sites: a pushed message is handed, as it is, to the fake site of
+    its node when its reply is pulled."""
 
     def __init__(self, sites: dict[int, FakeSite], crash_at_round: int | None = None) -> None:
+        super().__init__(ClientApp(), {node: {} for node in sites}, serialize=False)
         self.sites = sites
         self.crash_at_round = crash_at_round
         self.sent: list[Message] = []
-        self._pending: dict[str, Message] = {}
-
-    def set_run(self, run: Any) -> None:  # not used in process
-        self._run = run
-
-    @property
-    def run(self) -> Any:
-        return getattr(self, "_run", None)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
-        )
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.sites)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
+        ids: list[str] = []
         for msg in messages:
             self.sent.append(msg)
             if self.crash_at_round is not None and msg.metadata.group_id == str(self.crash_at_round):
                 raise RuntimeError(f"simulated server crash in round {self.crash_at_round}")
-            message_id = f"message-{len(self.sent)}"
-            msg.metadata.__dict__["_message_id"] = message_id  # as the SuperLink does on push
-            self._pending[message_id] = msg
-            ids.append(message_id)
+            ids += super().push_messages([msg])
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Hand the pending messages to their sites now; a site that does not reply sends nothing."""
-        replies = []
-        for message_id in message_ids:
-            msg = self._pending.pop(message_id, None)
-            reply = None if msg is None else self.sites[msg.metadata.dst_node_id].handle(msg)
-            if reply is not None:
-                replies.append(reply)
-        return replies
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self.pull_messages(list(self.push_messages(messages)))
+    def _deliver(self, msg: Message) -> Message | None:
+        return self.sites[msg.metadata.dst_node_id].handle(msg)
 
 
 def error_reply(msg: Message) -> Message:

@@ -131,7 +131,7 @@ class _SlowGrid(FakeGrid):
     """Node n's reply can be pulled ``delays[n]`` seconds after the push (None: never)."""
 
     def __init__(self, delays: dict[int, float | None]) -> None:
-        super().__init__({})
+        super().__init__({node: FakeSite(f"site-{node}", "[]") for node in delays})
         self.delays, self.pulls = delays, 0
 
     def push_messages(self, messages):
@@ -141,13 +141,9 @@ class _SlowGrid(FakeGrid):
     def pull_messages(self, message_ids):
         self.pulls += 1
         waited = time.monotonic() - self.pushed_at
-        replies = []
-        for message_id in message_ids:
-            msg = self._pending[message_id]
-            delay = self.delays[msg.metadata.dst_node_id]
-            if delay is not None and waited >= delay:
-                replies.append(Message(RecordDict(), reply_to=self._pending.pop(message_id)))
-        return replies
+        ready = [m for m in message_ids if self.delays[self._pending[m].metadata.dst_node_id] is not None
+                 and waited >= self.delays[self._pending[m].metadata.dst_node_id]]
+        return [Message(RecordDict(), reply_to=self._pending.pop(m)) for m in ready]
 
 
 def _messages(*nodes: int) -> list[Message]:
@@ -155,20 +151,21 @@ def _messages(*nodes: int) -> list[Message]:
 
 
 def test_replies_are_collected_as_they_arrive_not_on_flowers_3_s_cadence():
-    grid = _SlowGrid({1: 0.0, 2: 0.3})
+    grid, messages = _SlowGrid({21: 0.0, 22: 0.3}), _messages(22, 21)
     t0 = time.monotonic()
-    replies = send_and_collect(grid, _messages(2, 1), timeout_s=30, poll_s=0.05)
+    replies = send_and_collect(grid, messages, timeout_s=30, poll_s=0.05)
     elapsed = time.monotonic() - t0
-    assert [r.metadata.reply_to_message_id for r in replies] == ["message-2", "message-1"]  # arrival order
+    # in the order they arrived
+    assert [r.metadata.reply_to_message_id for r in replies] == [m.metadata.message_id for m in messages[::-1]]
     assert 0.3 <= elapsed < 1.5 and grid.pulls >= 3
 
 
 def test_collecting_replies_stops_at_the_timeout_with_those_that_came():
-    grid = _SlowGrid({1: 0.0, 2: None})
+    grid, messages = _SlowGrid({21: 0.0, 22: None}), _messages(21, 22)
     t0 = time.monotonic()
-    replies = send_and_collect(grid, _messages(1, 2), timeout_s=0.4, poll_s=0.05)
+    replies = send_and_collect(grid, messages, timeout_s=0.4, poll_s=0.05)
     assert 0.4 <= time.monotonic() - t0 < 1.5
-    assert [r.metadata.reply_to_message_id for r in replies] == ["message-1"]
+    assert [r.metadata.reply_to_message_id for r in replies] == [messages[0].metadata.message_id]
 
 
 def test_start_timeout_is_a_clear_error_not_a_hang(tmp_path):

@@ -38,8 +38,8 @@ from tests.server.fakes import (
 
 ALPHA = ("alpha", "CT", {1: "liver", 2: "tumour"})
 BETA = ("beta", "MR-T2", {1: "prostate"})
-SITES = {1: ("site-a", ALPHA), 2: ("site-b", BETA), 3: ("site-c", ALPHA)}
-COUNTS = {1: 10.0, 2: 30.0, 3: 60.0}
+SITES = {11: ("site-a", ALPHA), 12: ("site-b", BETA), 13: ("site-c", ALPHA)}  # node id -> site
+COUNTS = {11: 10.0, 12: 30.0, 13: 60.0}
 
 
 @pytest.fixture()
@@ -86,8 +86,8 @@ def test_configure_train_sends_each_site_only_its_rows(setup):
     layout, _, state, grid, make = setup
     strategy = make(local_iterations=5, seed=7, kind="fedprox", proximal_mu=0.01)
     msgs = _messages(strategy, state, grid, server_round=3)
-    assert sorted(msgs) == [1, 2, 3]
-    a, b = msgs[1].content, msgs[2].content
+    assert sorted(msgs) == [11, 12, 13]
+    a, b = msgs[11].content, msgs[12].content
     assert a[CONFIG_RECORD][TASK_ROW_IDS] == [0, 1] and a[CONFIG_RECORD]["modality_row_ids"] == [0]
     assert b[CONFIG_RECORD][TASK_ROW_IDS] == [2] and b[CONFIG_RECORD]["modality_row_ids"] == [3]
     np.testing.assert_array_equal(a[ARRAYS_RECORD][TASK_ROWS].numpy(), state.task_rows[[0, 1]].numpy())
@@ -98,7 +98,7 @@ def test_configure_train_sends_each_site_only_its_rows(setup):
     assert cfg["proximal-mu"] == pytest.approx(0.01) and cfg["wire-dtype"] == "float32"
     assert json.loads(cfg["task-map"]) == {"alpha/liver": 0, "alpha/tumour": 1}
     assert cfg["seed"] == derive_seed(7, 3, "site-a") != b[CONFIG_RECORD]["seed"]
-    assert msgs[1].metadata.message_type == "train" and msgs[1].metadata.group_id == "3"
+    assert msgs[11].metadata.message_type == "train" and msgs[11].metadata.group_id == "3"
     assert len(a[ARRAYS_RECORD]) == 3  # few large arrays, never one per tensor
 
 
@@ -114,7 +114,7 @@ def test_weighted_backbone_and_row_means_over_owners(setup):
     _, bank, state, grid, make = setup
     strategy = make()
     msgs = _messages(strategy, state, grid)
-    arrays, metrics = strategy.aggregate_train(1, _replies(msgs, {1: 1.0, 2: 2.0, 3: 4.0}))
+    arrays, metrics = strategy.aggregate_train(1, _replies(msgs, {11: 1.0, 12: 2.0, 13: 4.0}))
     new = GlobalState.from_record(arrays, strategy.layout)
     assert torch.allclose(new.backbone, torch.full_like(new.backbone, (10 * 1 + 30 * 2 + 60 * 4) / 100))
     alpha = (10 * 1 + 60 * 4) / 70
@@ -135,7 +135,7 @@ def test_uniform_weighting(setup):
     strategy = make(weighting="uniform")
     msgs = _messages(strategy, state, grid)
     new = GlobalState.from_record(
-        strategy.aggregate_train(1, _replies(msgs, {1: 1.0, 2: 2.0, 3: 4.0}))[0], strategy.layout
+        strategy.aggregate_train(1, _replies(msgs, {11: 1.0, 12: 2.0, 13: 4.0}))[0], strategy.layout
     )
     assert torch.allclose(new.backbone, torch.full_like(new.backbone, 7 / 3))
     assert torch.allclose(new.task_rows[0], torch.full_like(new.task_rows[0], 2.5))
@@ -146,7 +146,7 @@ def test_rows_whose_owners_did_not_reply_keep_their_value(setup):
     strategy = make()
     msgs = _messages(strategy, state, grid)
     new = GlobalState.from_record(
-        strategy.aggregate_train(1, _replies(msgs, {1: 1.0, 3: 4.0}))[0], strategy.layout
+        strategy.aggregate_train(1, _replies(msgs, {11: 1.0, 13: 4.0}))[0], strategy.layout
     )
     assert torch.equal(new.task_rows[2], state.task_rows[2])
     assert torch.equal(new.modality_rows[3], state.modality_rows[3])
@@ -233,9 +233,9 @@ def test_invalid_reply_is_dropped_and_counted(setup, case):
     mutate, reason = INVALID[case]
     strategy = make()
     msgs = _messages(strategy, state, grid)
-    good = _replies(msgs, {2: 2.0, 3: 4.0})
-    bad = _const_reply(msgs[1], 100.0, 100.0, 10)
-    bad = Message(mutate(bad.content), reply_to=msgs[1])
+    good = _replies(msgs, {12: 2.0, 13: 4.0})
+    bad = _const_reply(msgs[11], 100.0, 100.0, 10)
+    bad = Message(mutate(bad.content), reply_to=msgs[11])
     arrays, metrics = strategy.aggregate_train(1, [bad, *good])
     assert (
         metrics["dropped-replies"] == 1
@@ -254,10 +254,10 @@ def test_error_reply_stranger_and_duplicate_are_dropped(setup):
     strategy = make()
     msgs = _messages(strategy, state, grid)
     stranger_msg = Message(RecordDict(), dst_node_id=99, message_type="train")
-    stranger = _const_reply(msgs[2], 5.0, 5.0, 10)
+    stranger = _const_reply(msgs[12], 5.0, 5.0, 10)
     stranger = Message(stranger.content, reply_to=stranger_msg)
-    duplicate = _const_reply(msgs[3], 50.0, 50.0, 60)
-    replies = [error_reply(msgs[1]), *_replies(msgs, {2: 2.0, 3: 4.0}), stranger, duplicate]
+    duplicate = _const_reply(msgs[13], 50.0, 50.0, 60)
+    replies = [error_reply(msgs[11]), *_replies(msgs, {12: 2.0, 13: 4.0}), stranger, duplicate]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["dropped/error-reply"] == 1 and metrics["dropped/unexpected-sender"] == 2
     new = GlobalState.from_record(arrays, strategy.layout)
@@ -270,7 +270,7 @@ def test_round_without_valid_reply_keeps_the_model(setup):
     msgs = _messages(strategy, state, grid)
     arrays, metrics = strategy.aggregate_train(1, [error_reply(m) for m in msgs.values()])
     assert arrays is None and metrics["skipped"] == 1 and metrics["dropped/error-reply"] == 3
-    arrays, metrics = strategy.aggregate_train(1, _replies(msgs, {1: 1.0}))  # 1 valid < min_replies=2
+    arrays, metrics = strategy.aggregate_train(1, _replies(msgs, {11: 1.0}))  # 1 valid < min_replies=2
     assert arrays is None and metrics["skipped"] == 1 and metrics["valid-replies"] == 1
     assert bank.info("task", 0).last_round is None
     assert strategy._current.equal(state)
@@ -280,9 +280,9 @@ def test_float16_wire_is_averaged_in_float32(setup):
     _, _, state, grid, make = setup
     strategy = make(wire_dtype="float16")
     msgs = _messages(strategy, state, grid)
-    assert msgs[1].content[ARRAYS_RECORD][BACKBONE].dtype == "float16"
+    assert msgs[11].content[ARRAYS_RECORD][BACKBONE].dtype == "float16"
     replies = [
-        _const_reply(msgs[n], v, v, COUNTS[n], np.float16) for n, v in {1: 1.0, 2: 2.0, 3: 4.0}.items()
+        _const_reply(msgs[n], v, v, COUNTS[n], np.float16) for n, v in {11: 1.0, 12: 2.0, 13: 4.0}.items()
     ]
     new = GlobalState.from_record(strategy.aggregate_train(1, replies)[0], strategy.layout)
     assert new.backbone.dtype == torch.float32
@@ -314,7 +314,7 @@ def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, t
     layout, bank, state, grid, make = setup
     strategy = make(kind="fedadam", server_lr=0.1, tau=1e-3)
     msgs = _messages(strategy, state, grid)
-    only_a = {1: msgs[1]}
+    only_a = {11: msgs[11]}
     new = GlobalState.from_record(strategy.aggregate_train(1, _plus(only_a, 0.5))[0], layout)
     step = 0.1 * 0.05 / (0.05 + 1e-3)  # lr * m / (sqrt(v) + tau) after one step of delta 0.5
     assert torch.allclose(new.backbone - state.backbone, torch.full_like(state.backbone, step), atol=1e-5)
@@ -346,12 +346,12 @@ def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, t
 
 def test_evaluate_weighted_dice_per_task(setup):
     _, _, state, grid, make = setup
-    grid.sites[1].dice, grid.sites[1].num_examples = {"dice/alpha/liver": 0.8}, 10
-    grid.sites[3].dice, grid.sites[3].num_examples = {"dice/alpha/liver": 0.4}, 30
-    grid.sites[2].dice, grid.sites[2].num_examples = {"dice/beta/prostate": 0.6}, 20
+    grid.sites[11].dice, grid.sites[11].num_examples = {"dice/alpha/liver": 0.8}, 10
+    grid.sites[13].dice, grid.sites[13].num_examples = {"dice/alpha/liver": 0.4}, 30
+    grid.sites[12].dice, grid.sites[12].num_examples = {"dice/beta/prostate": 0.6}, 20
     strategy = make()
     msgs = list(strategy.configure_evaluate(1, state.to_record(), ConfigRecord(), grid))
-    assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 2, 3]
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12, 13]
     assert all(m.metadata.message_type == "evaluate" for m in msgs)
     metrics = strategy.aggregate_evaluate(1, grid.send_and_receive(msgs))
     assert metrics["dice/alpha/liver"] == pytest.approx((10 * 0.8 + 30 * 0.4) / 40)
