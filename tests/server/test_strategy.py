@@ -19,7 +19,9 @@ from hermes_model.exchange import (
     NUM_EXAMPLES,
     TASK_ROW_IDS,
     TASK_ROWS,
+    XOR_ZSTD_STYPE,
     StateLayout,
+    encode_delta,
 )
 from server.bank import PriorBank, parse_site_datasets
 from server.checkpoint import RunStore, load_round_checkpoint
@@ -96,6 +98,7 @@ def test_configure_train_sends_each_site_only_its_rows(setup):
     cfg = a[CONFIG_RECORD]
     assert cfg["server-round"] == 3 and cfg["local-iterations"] == 5 and cfg["schedule-iteration"] == 10
     assert cfg["proximal-mu"] == pytest.approx(0.01) and cfg["wire-dtype"] == "float32"
+    assert cfg["reply-codec"] == "xor-zstd"  # the default: sites code their replies losslessly
     assert json.loads(cfg["task-map"]) == {"alpha/liver": 0, "alpha/tumour": 1}
     assert cfg["seed"] == derive_seed(7, 3, "site-a") != b[CONFIG_RECORD]["seed"]
     assert msgs[11].metadata.message_type == "train" and msgs[11].metadata.group_id == "3"
@@ -289,17 +292,86 @@ def test_float16_wire_is_averaged_in_float32(setup):
     assert torch.allclose(new.backbone, torch.full_like(new.backbone, 3.1))
 
 
-def _plus(msgs: dict, delta: float) -> list[Message]:
+def _coded(reply: Message, request: Message, **arrays: Array) -> Message:
+    """``reply`` with its arrays coded against ``request``'s (as a site with reply-codec xor-zstd does);
+    ``arrays`` replace coded ones by name."""
+    sent = request.content[ARRAYS_RECORD]
+    coded = {}
+    for name, array in reply.content[ARRAYS_RECORD].items():
+        values, reference = torch.from_numpy(array.numpy()), torch.from_numpy(sent[name].numpy())
+        coded[name] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=XOR_ZSTD_STYPE,
+                            data=encode_delta(values, reference))
+    content = RecordDict({**dict(reply.content.items()), ARRAYS_RECORD: ArrayRecord({**coded, **arrays})})
+    return Message(content, reply_to=request)
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_coded_replies_give_the_same_model_as_plain_ones(setup, wire):
+    _, _, state, grid, make = setup
+    models = []
+    for code in (False, True):
+        strategy = make(wire_dtype=wire)
+        msgs = _messages(strategy, state, grid)
+        replies = _plus(msgs, 0.01, np.float16 if wire == "float16" else np.float32)
+        if code:
+            replies = [_coded(r, msgs[r.metadata.src_node_id]) for r in replies]
+            assert replies[0].content[ARRAYS_RECORD][BACKBONE].stype == XOR_ZSTD_STYPE
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        assert metrics["valid-replies"] == 3
+        models.append(GlobalState.from_record(arrays, strategy.layout))
+    assert models[0].equal(models[1]) and not models[0].equal(state)
+
+
+def _raw(array: Array, **fields) -> Array:
+    values = {"dtype": array.dtype, "shape": tuple(array.shape), "stype": array.stype, "data": array.data}
+    return Array(**{**values, **fields})
+
+
+CODED_INVALID = {
+    "truncated": (lambda a: _raw(a, data=a.data[:-3]), "malformed"),
+    "another dtype": (lambda a: _raw(a, dtype="float16"), "bad-dtype"),
+    "unknown serialisation": (lambda a: _raw(a, stype="pickle"), "bad-codec"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CODED_INVALID))
+def test_invalid_coded_reply_is_dropped(setup, case):
+    _, _, state, grid, make = setup
+    change, reason = CODED_INVALID[case]
+    strategy = make()
+    msgs = _messages(strategy, state, grid)
+    good, bad = _plus(msgs, 0.01)[1:], _plus(msgs, 0.01)[0]
+    coded = _coded(bad, msgs[11])
+    bad = _coded(bad, msgs[11], backbone=change(coded.content[ARRAYS_RECORD][BACKBONE]))
+    arrays, metrics = strategy.aggregate_train(1, [bad, *good])
+    assert metrics[f"dropped/{reason}"] == 1 and metrics["valid-replies"] == 2 and arrays is not None
+
+
+def test_coded_non_finite_values_are_dropped(setup):
+    _, _, state, grid, make = setup
+    strategy = make()
+    msgs = _messages(strategy, state, grid)
+    replies = _plus(msgs, 0.01)
+    poisoned = {k: v.numpy().copy() for k, v in replies[0].content[ARRAYS_RECORD].items()}
+    poisoned[TASK_ROWS].reshape(-1)[0] = np.nan
+    bad = Message(RecordDict({**dict(replies[0].content.items()),
+                              ARRAYS_RECORD: ArrayRecord({k: Array(v) for k, v in poisoned.items()})}),
+                  reply_to=msgs[11])
+    _, metrics = strategy.aggregate_train(1, [_coded(bad, msgs[11]), *replies[1:]])
+    assert metrics["dropped/non-finite"] == 1 and metrics["valid-replies"] == 2
+
+
+def _plus(msgs: dict, delta: float, dtype=np.float32) -> list[Message]:
     out = []
     for n, msg in msgs.items():
-        got = received(msg)
+        got = {k: (v + delta).astype(dtype) for k, v in received(msg).items()}
         cfg = msg.content[CONFIG_RECORD]
         out.append(
             Message(
                 train_content(
-                    got[BACKBONE] + delta,
-                    got[TASK_ROWS] + delta,
-                    got[MODALITY_ROWS] + delta,
+                    got[BACKBONE],
+                    got[TASK_ROWS],
+                    got[MODALITY_ROWS],
                     list(cfg[TASK_ROW_IDS]),
                     list(cfg["modality_row_ids"]),
                     COUNTS[n],
@@ -369,3 +441,5 @@ def test_options_are_validated():
         StrategyOptions(kind="fedprox", proximal_mu=0.0)
     with pytest.raises(ValueError, match="uniform"):
         StrategyOptions(weighting="cases")
+    with pytest.raises(ValueError, match="reply-codec must be one of"):
+        StrategyOptions(reply_codec="gzip")
