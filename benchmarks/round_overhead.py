@@ -3,6 +3,7 @@
     python benchmarks/round_overhead.py                      # 2 and 4 sites, float32 and float16 wire
     python benchmarks/round_overhead.py --sites 4 --wire float32 --rounds 3 --insecure
     python benchmarks/round_overhead.py --sites 4 --wire float32 --stock   # + stock Flower FedAvg baseline
+    python benchmarks/round_overhead.py --sites 4 --wire float32 --reply-codec xor-zstd none
 
 For the published Hermes-R size (base 32, 72 task slots, 61 M parameters) it starts a SuperLink (TLS
 unless ``--insecure``), one SuperNode per site and submits the REAL ServerApp (``server.app:app``: the
@@ -10,9 +11,10 @@ real strategy, reply validation, aggregation and round checkpoints) with ``evalu
 run the benchmark-only ClientApp ``echo_app`` below instead of the real one, because the real ClientApp
 always trains (``local-iterations`` >= 1) and training is what this benchmark leaves out: ``echo_app``
 answers the ``query`` like a site holding one catalog dataset, and answers ``train`` by sending back the
-arrays it received, shifted by a small per-site constant (so that, like trained weights, they differ from
-what the SuperLink already stores) and passed through the same conversions as ``client.app`` (numpy ->
-float32 torch -> ``hermes_model.exchange.to_wire`` -> ``flwr.app.Array``), with ``num-examples`` and the
+arrays it received moved like trained weights (Gaussian noise of ``--update`` x the rms of each block of
+4096 values; the default is the change one real 400-step round made, ``benchmarks/reply_codec.py``),
+through the same conversions and reply codec as ``client.app`` (numpy -> float32 torch ->
+``hermes_model.exchange.to_wire`` -> ``client.wire.reply_array``), with ``num-examples`` and the
 protocol's metrics.
 
 ``--stock`` adds the baseline for each ``--sites`` value: Flower's own FedAvg sending the same model's
@@ -24,8 +26,9 @@ So a round's time (``round-time-s`` of ``metrics.jsonl``: configure, serialise, 
 start, receive, validate, aggregate; not the checkpoint) is the overhead one round adds to local training.
 Round 1 also pays for each SuperNode installing the app; rounds 2+ are reported as the steady state.
 
-Prints one JSON line per configuration: bytes each site receives and sends per round (the array payload,
-computed from the model layout; and Flower's own network-traffic counter of the run, per site and round),
+Prints one JSON line per configuration: bytes each site receives and sends per round (the plain array
+payload, computed from the model layout; and Flower's own network-traffic counter of the run, per site
+and round, which shows what the reply codec saved),
 round times, the peak resident memory (VmHWM) of the SuperLink, SuperNode, ServerApp and ClientApp
 processes and the CPU seconds each role used over the whole run (sampled from ``/proc`` every 0.2 s),
 and the machine's load average before and after (other work on the machine stretches the round times;
@@ -49,11 +52,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from client.wire import reply_array
 from hermes_model.catalog import Catalog
 from hermes_model.exchange import (
     ARRAYS_RECORD,
@@ -70,6 +74,10 @@ from hermes_model.exchange import (
 logger = logging.getLogger("round_overhead")
 
 BENCH_SITE_KEY = "bench-site"  # SuperNode node config: index of the catalog dataset this site holds
+BENCH_UPDATE_KEY = "bench-update"  # SuperNode node config: relative change of a "trained" reply
+UPDATE_BLOCK = 4096
+NOISE_BLOCKS = 256  # trained_like repeats one draw of NOISE_BLOCKS x UPDATE_BLOCK values
+DEFAULT_UPDATE = 0.22  # relative change of one real 400-step round (benchmarks/reply_codec.py)
 SITE_DATASETS = ("lits", "kits", "amos_ct", "amos_mr", "bcv", "structseg_oar")
 ROLES = {"flower-superlink": "superlink", "flower-supernode": "supernode", "flwr-serverapp": "serverapp",
          "flwr-clientapp": "clientapp", "flower-superexec": "superexec"}
@@ -90,22 +98,44 @@ def echo_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({SITE_RECORD: record}), reply_to=msg)
 
 
+def trained_like(received: torch.Tensor, relative_change: float, seed: int) -> torch.Tensor:
+    """``received`` plus Gaussian noise of ``relative_change`` x the rms of each block of 4096 values:
+    roughly what a round of LAMB does (each tensor moves by about the same amount per value). The noise is
+    one draw of 2^20 values repeated (cheap: this stands in for training, not part of what is measured).
+
+    It matters that replies differ from what was sent: Flower stores objects by content hash and skips
+    uploading bytes the SuperLink already holds, and the reply codec's savings depend on the change."""
+    out = received.reshape(-1).float().clone()
+    whole = out.numel() // UPDATE_BLOCK * UPDATE_BLOCK
+    parts = [out[:whole].view(-1, UPDATE_BLOCK), out[whole:].view(1, -1)]
+    noise = torch.randn(NOISE_BLOCKS, UPDATE_BLOCK, generator=torch.Generator().manual_seed(seed))
+    for blocks in parts:
+        scale = blocks.pow(2).mean(1, keepdim=True).sqrt_().mul_(relative_change)
+        for start in range(0, blocks.shape[0], NOISE_BLOCKS):
+            chunk = blocks[start:start + NOISE_BLOCKS]
+            chunk.addcmul_(noise[:chunk.shape[0], :chunk.shape[1]], scale[start:start + NOISE_BLOCKS])
+    return out.view(received.shape)
+
+
+def _update_seed(msg: Message, context: Context) -> tuple[float, int]:
+    node = context.node_config
+    site, server_round = int(node[BENCH_SITE_KEY]), int(msg.content[CONFIG_RECORD].get("server-round", 0))
+    return float(node[BENCH_UPDATE_KEY]), 1000 * site + server_round
+
+
 @echo_app.train()
 def echo_train(msg: Message, context: Context) -> Message:
-    """Send the received arrays back, each value shifted by a small per-site constant (no training).
-
-    The conversions are those of ``client.app``. The shift matters: Flower stores objects by content
-    hash and skips uploading bytes the SuperLink already holds, so byte-identical echoes would hide the
-    upload that real (trained, hence different) weights cost.
-    """
+    """Send the received arrays back moved like trained weights (:func:`trained_like`, no training), in
+    the wire dtype and reply codec the server asked for, with ``client.app``'s conversions (numpy ->
+    float32 torch -> ``to_wire`` -> ``client.wire.reply_array``)."""
     start = time.perf_counter()
     arrays, config = msg.content[ARRAYS_RECORD], msg.content[CONFIG_RECORD]
-    wire = str(config["wire-dtype"])
-    shift = 1e-3 * (1 + int(context.node_config[BENCH_SITE_KEY]))
+    wire, codec = str(config["wire-dtype"]), str(config.get("reply-codec", "none"))
+    change, seed = _update_seed(msg, context)
     out = {}
-    for name in EXCHANGE_ARRAYS:
-        tensor = torch.from_numpy(np.array(arrays[name].numpy(), dtype=np.float32)).add_(shift)
-        out[name] = Array(to_wire(tensor, wire).numpy())
+    for index, name in enumerate(EXCHANGE_ARRAYS):
+        received = torch.from_numpy(np.array(arrays[name].numpy(), dtype=np.float32))
+        out[name] = reply_array(to_wire(trained_like(received, change, seed + index), wire), received, codec)
     content = RecordDict({
         ARRAYS_RECORD: ArrayRecord(out),
         CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(config[TASK_ROW_IDS]),
@@ -164,10 +194,11 @@ def stock_main(grid: Grid, context: Context) -> None:
 
 @stock_echo_app.train()
 def stock_echo_train(msg: Message, context: Context) -> Message:
-    shift = 1e-3 * (1 + int(context.node_config[BENCH_SITE_KEY]))
+    change, seed = _update_seed(msg, context)
     state = msg.content["arrays"].to_torch_state_dict()
-    shifted = {name: tensor + shift if tensor.is_floating_point() else tensor for name, tensor in state.items()}
-    content = RecordDict({"arrays": ArrayRecord(shifted), "metrics": MetricRecord({NUM_EXAMPLES: 2})})
+    trained = {name: trained_like(tensor, change, seed + i) if tensor.is_floating_point() else tensor
+               for i, (name, tensor) in enumerate(state.items())}
+    content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord({NUM_EXAMPLES: 2})})
     return Message(content, reply_to=msg)
 
 
@@ -257,13 +288,13 @@ def payload_bytes(num_sites: int, wire: str, stock: bool = False) -> list[dict[s
     return out
 
 
-def start_sites(link: Any, num_sites: int, root: Path, tls: Any) -> list[Any]:
+def start_sites(link: Any, num_sites: int, root: Path, tls: Any, update: float) -> list[Any]:
     from server.launch import ManagedProcess, flower_env, flower_executable
 
     nodes = []
     for index in range(num_sites):
         args = [flower_executable("flower-supernode"), "--superlink", link.address,
-                "--port", str(free_port()), "--node-config", f"{BENCH_SITE_KEY}={index}"]
+                "--port", str(free_port()), "--node-config", f"{BENCH_SITE_KEY}={index} {BENCH_UPDATE_KEY}={update}"]
         args += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
         home = root / f"site-{index}"
         nodes.append(ManagedProcess(args, env=flower_env(home / "flwr-home"), cwd=root,
@@ -271,7 +302,7 @@ def start_sites(link: Any, num_sites: int, root: Path, tls: Any) -> list[Any]:
     return nodes
 
 
-def stage_bench_app(root: Path, num_sites: int, wire: str, rounds: int, stock: bool) -> Path:
+def stage_bench_app(root: Path, num_sites: int, wire: str, codec: str, rounds: int, stock: bool) -> Path:
     """The Flower App of one configuration: our ServerApp + ``echo_app``, or stock FedAvg + its echo."""
     from server.config import ServerConfig
     from server.launch import stage_app
@@ -283,7 +314,7 @@ def stage_bench_app(root: Path, num_sites: int, wire: str, rounds: int, stock: b
                          clientapp="round_overhead:stock_echo_app", extra_files=extra)
     config = ServerConfig(
         num_server_rounds=rounds, min_sites=num_sites, min_sites_per_round=num_sites, local_iterations=1,
-        evaluate_every=0, wire_dtype=wire, base_channels=32, task_slots=72, modality_slots=6,
+        evaluate_every=0, wire_dtype=wire, reply_codec=codec, base_channels=32, task_slots=72, modality_slots=6,
         run_dir=str(root / "run"), keep_checkpoints=1, round_timeout_s=900.0, start_timeout_s=300.0,
         query_timeout_s=300.0, poll_interval_s=0.5,
     )
@@ -300,8 +331,8 @@ def round_times(run_dir: Path, stock: bool) -> list[float]:
     return [m["round-time-s"] for m in metrics if m["scope"] == "aggregate" and m["phase"] == "train"]
 
 
-def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path, stock: bool = False
-          ) -> dict[str, Any]:
+def bench(num_sites: int, wire: str, codec: str, rounds: int, insecure: bool, root: Path, update: float,
+          stock: bool = False) -> dict[str, Any]:
     """One configuration: a fresh SuperLink, ``num_sites`` SuperNodes, ``rounds`` rounds."""
     from server.cli import write_keys
     from server.launch import TlsFiles, start_superlink
@@ -311,14 +342,14 @@ def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path, st
     if not insecure:
         write_keys(root / "keys", [])
         tls = TlsFiles.from_keys_dir(root / "keys")
-    app = stage_bench_app(root, num_sites, wire, rounds, stock)
+    app = stage_bench_app(root, num_sites, wire, codec, rounds, stock)
     load_before = os.getloadavg()[0]
     with ProcessSampler() as memory:
         link = start_superlink(root / "superlink", port=free_port(), tls=tls)
         memory.roots.append(link.process)
         nodes: list[Any] = []
         try:
-            nodes = start_sites(link, num_sites, root, tls)
+            nodes = start_sites(link, num_sites, root, tls, update)
             memory.roots.extend(nodes)
             t0 = time.monotonic()
             run_id = link.submit_run(app)
@@ -340,7 +371,7 @@ def bench(num_sites: int, wire: str, rounds: int, insecure: bool, root: Path, st
     steady = times[1:] or times
     return {
         "exchange": "stock-fedavg" if stock else "hermes", "sites": num_sites, "wire": wire,
-        "tls": not insecure, "rounds": rounds,
+        "reply_codec": "none" if stock else codec, "update": update, "tls": not insecure, "rounds": rounds,
         "round_time_s": times, "round_time_s_steady_mean": round(statistics.mean(steady), 2),
         "payload_bytes_per_site_round": payload_bytes(num_sites, wire, stock),
         "flower_traffic_bytes_per_site_round": per_site_round,
@@ -356,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4], help="numbers of sites (<= 6)")
     parser.add_argument("--wire", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    parser.add_argument("--reply-codec", nargs="+", default=["none"], choices=["none", "xor-zstd"],
+                        help="reply codecs to run (default: none, the server default)")
+    parser.add_argument("--update", type=float, default=DEFAULT_UPDATE,
+                        help="relative change of the echoed 'trained' weights (default: a real 400-step round)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration (>= 2)")
     parser.add_argument("--insecure", action="store_true", help="no TLS")
     parser.add_argument("--stock", action="store_true",
@@ -370,10 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
         base = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
         for sites in args.sites:
-            runs = [(wire, False) for wire in args.wire] + ([("float32", True)] if args.stock else [])
-            for wire, stock in runs:
-                name = f"{sites}-sites-{'stock' if stock else wire}"
-                result = bench(sites, wire, args.rounds, args.insecure, base / name, stock)
+            runs = [(wire, codec, False) for wire in args.wire for codec in args.reply_codec]
+            runs += [("float32", "none", True)] if args.stock else []
+            for wire, codec, stock in runs:
+                name = f"{sites}-sites-{'stock' if stock else f'{wire}-{codec}'}"
+                result = bench(sites, wire, codec, args.rounds, args.insecure, base / name, args.update, stock)
                 print(json.dumps(result), flush=True)
     return 0
 

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import ProtocolError, RoundRequest, Site, TrainReply
+from client.wire import reply_array
 from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
@@ -39,10 +40,7 @@ from hermes_model.exchange import (
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
-    XOR_ZSTD_STYPE,
-    encode_delta,
     from_wire,
-    to_wire,
 )
 
 __all__ = ["SITE_CONFIG_KEY", "SITE_CONFIGS_KEY", "SiteError", "app", "load_site", "parse_request",
@@ -184,22 +182,13 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
 def _train_content(reply: TrainReply, request: RoundRequest) -> RecordDict:
     arrays = {BACKBONE: reply.backbone, TASK_ROWS: reply.task_rows, MODALITY_ROWS: reply.modality_rows}
     received = {BACKBONE: request.backbone, TASK_ROWS: request.task_rows, MODALITY_ROWS: request.modality_rows}
-    if request.reply_codec == "xor-zstd":
-        coded = {k: _coded_array(v, to_wire(received[k], request.wire_dtype)) for k, v in arrays.items()}
-    else:
-        coded = {k: Array(v.numpy()) for k, v in arrays.items()}
+    payload = {k: reply_array(v, received[k], request.reply_codec) for k, v in arrays.items()}
     return RecordDict({
-        ARRAYS_RECORD: ArrayRecord(coded),
+        ARRAYS_RECORD: ArrayRecord(payload),
         CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(reply.task_row_ids),
                                      MODALITY_ROW_IDS: list(reply.modality_row_ids)}),
         METRICS_RECORD: MetricRecord(dict(reply.metrics)),
     })
-
-
-def _coded_array(values: torch.Tensor, received: torch.Tensor) -> Array:
-    """``values`` coded against what the site received (``hermes_model.exchange.encode_delta``)."""
-    dtype = str(values.dtype).removeprefix("torch.")
-    return Array(dtype=dtype, shape=tuple(values.shape), stype=XOR_ZSTD_STYPE, data=encode_delta(values, received))
 
 
 # ------------------------------------------------------------------------------------------------ handlers

@@ -68,7 +68,7 @@ class StrategyOptions:
     weighting: str = "samples"
     proximal_mu: float = 0.0
     wire_dtype: str = "float32"
-    reply_codec: str = "xor-zstd"
+    reply_codec: str = "none"
     server_lr: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.99

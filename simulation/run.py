@@ -210,7 +210,6 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         start_timeout_s=900.0,
         query_timeout_s=900.0,
         poll_interval_s=0.1,  # replies come from this machine's Ray actors: look often (as Flower's own grid)
-        reply_codec="none",  # nothing crosses a network: coding would only cost CPU
         evaluate_every=opts.evaluate_every,
         run_dir=str(run_dir),
         resume=opts.resume,

@@ -27,6 +27,8 @@ Why the two must agree (up to float rounding):
   centralized engine is at; warmup is 0 so the first step has a non-zero learning rate.
 - Hermes-R has no dropout or batch statistics (instance norm, layer norm), so a sample's gradient does
   not depend on the rest of its batch.
+
+The sites reply with the opt-in ``xor-zstd`` reply codec, so the test also shows that it is lossless.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _config(tmp_path: Path) -> ServerConfig:
     return ServerConfig(
         num_server_rounds=ROUNDS, min_sites=3, min_sites_per_round=3, start_timeout_s=5, query_timeout_s=60,
         round_timeout_s=600, poll_interval_s=0.01, local_iterations=1, evaluate_every=0,
-        strategy="fedavg", weighting="samples", wire_dtype="float32",
+        strategy="fedavg", weighting="samples", wire_dtype="float32", reply_codec="xor-zstd",
         base_channels=8, task_slots=73, modality_slots=6, seed=5, keep_checkpoints=0,
         optimizer="sgd", lr=LR, weight_decay=0.0, warmup_epochs=0, total_epochs=10, iters_per_epoch=1,
         run_dir=str(tmp_path / "run"),
@@ -109,7 +111,7 @@ def _union(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def _replied_backbone(request: Message, reply: Message) -> torch.Tensor:
-    """The backbone of a train reply coded (the default reply codec) against the request's."""
+    """The backbone of a train reply coded (this run uses reply codec xor-zstd) against the request's."""
     coded = reply.content[ARRAYS_RECORD][BACKBONE]
     assert coded.stype == XOR_ZSTD_STYPE
     return decode_delta(coded.data, from_wire(request.content[ARRAYS_RECORD][BACKBONE].data))

@@ -17,7 +17,7 @@ def test_dashed_run_config_keys_and_client_keys_ignored():
             "strategy": "fedprox",
             "proximal-mu": 0.01,
             "wire-dtype": "float16",
-            "reply-codec": "none",
+            "reply-codec": "xor-zstd",
             "run-dir": "x",
             "site-configs": "a.yaml,b.yaml",  # a ClientApp key: not the server's business
         }
@@ -29,7 +29,7 @@ def test_dashed_run_config_keys_and_client_keys_ignored():
         "float16",
     )
     assert cfg.round_timeout_s == 7200 and cfg.to_run_config()["proximal-mu"] == 0.01
-    assert cfg.reply_codec == "none" and ServerConfig().reply_codec == "xor-zstd"
+    assert cfg.reply_codec == "xor-zstd" and ServerConfig().reply_codec == "none"
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_dashed_run_config_keys_and_client_keys_ignored():
         ({"strategy": "fedprox"}, "needs proximal-mu > 0"),
         ({"proximal-mu": 0.1}, "only used by strategy 'fedprox'"),
         ({"weighting": "cases"}, "weighting"),
-        ({"reply-codec": "gzip"}, "reply-codec: Input should be 'xor-zstd' or 'none'"),
+        ({"reply-codec": "gzip"}, "reply-codec: Input should be 'none' or 'xor-zstd'"),
         ({"min-sites": 0}, "min-sites"),
         ({"sites-per-round": 1, "min-sites-per-round": 2}, "exceeds sites-per-round"),
         ({"optimizer": "rmsprop"}, "optimizer"),

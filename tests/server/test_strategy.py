@@ -98,7 +98,7 @@ def test_configure_train_sends_each_site_only_its_rows(setup):
     cfg = a[CONFIG_RECORD]
     assert cfg["server-round"] == 3 and cfg["local-iterations"] == 5 and cfg["schedule-iteration"] == 10
     assert cfg["proximal-mu"] == pytest.approx(0.01) and cfg["wire-dtype"] == "float32"
-    assert cfg["reply-codec"] == "xor-zstd"  # the default: sites code their replies losslessly
+    assert cfg["reply-codec"] == "none"  # the default: plain arrays
     assert json.loads(cfg["task-map"]) == {"alpha/liver": 0, "alpha/tumour": 1}
     assert cfg["seed"] == derive_seed(7, 3, "site-a") != b[CONFIG_RECORD]["seed"]
     assert msgs[11].metadata.message_type == "train" and msgs[11].metadata.group_id == "3"
