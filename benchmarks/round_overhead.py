@@ -110,10 +110,10 @@ def trained_like(received: torch.Tensor, relative_change: float, seed: int) -> t
     parts = [out[:whole].view(-1, UPDATE_BLOCK), out[whole:].view(1, -1)]
     noise = torch.randn(NOISE_BLOCKS, UPDATE_BLOCK, generator=torch.Generator().manual_seed(seed))
     for blocks in parts:
-        scale = blocks.pow(2).mean(1, keepdim=True).sqrt_().mul_(relative_change)
         for start in range(0, blocks.shape[0], NOISE_BLOCKS):
             chunk = blocks[start:start + NOISE_BLOCKS]
-            chunk.addcmul_(noise[:chunk.shape[0], :chunk.shape[1]], scale[start:start + NOISE_BLOCKS])
+            scale = chunk.pow(2).mean(1, keepdim=True).sqrt_().mul_(relative_change)
+            chunk.addcmul_(noise[:chunk.shape[0], :chunk.shape[1]], scale)
     return out.view(received.shape)
 
 
