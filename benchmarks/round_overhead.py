@@ -13,9 +13,9 @@ always trains (``local-iterations`` >= 1) and training is what this benchmark le
 answers the ``query`` like a site holding one catalog dataset, and answers ``train`` by sending back the
 arrays it received moved like trained weights (Gaussian noise of ``--update`` x the rms of each block of
 4096 values; the default is the change one real 400-step round made, ``benchmarks/reply_codec.py``),
-through the same conversions and reply codec as ``client.app`` (numpy -> float32 torch ->
-``hermes_model.exchange.to_wire`` -> ``client.wire.reply_array``), with ``num-examples`` and the
-protocol's metrics.
+through the same conversions and reply codec as ``client.app`` (``hermes_model.exchange.from_wire`` ->
+a trained copy -> ``to_wire`` -> ``client.wire.reply_array``), with ``num-examples`` and the protocol's
+metrics.
 
 ``--stock`` adds the baseline for each ``--sites`` value: Flower's own FedAvg sending the same model's
 state dict as one ArrayRecord (405 Arrays, float32) to ``stock_echo_app``, a ClientApp doing what
@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -68,6 +67,7 @@ from hermes_model.exchange import (
     NUM_EXAMPLES,
     SITE_RECORD,
     TASK_ROW_IDS,
+    from_wire,
     to_wire,
 )
 
@@ -126,15 +126,15 @@ def _update_seed(msg: Message, context: Context) -> tuple[float, int]:
 @echo_app.train()
 def echo_train(msg: Message, context: Context) -> Message:
     """Send the received arrays back moved like trained weights (:func:`trained_like`, no training), in
-    the wire dtype and reply codec the server asked for, with ``client.app``'s conversions (numpy ->
-    float32 torch -> ``to_wire`` -> ``client.wire.reply_array``)."""
+    the wire dtype and reply codec the server asked for, with ``client.app``'s conversions (``from_wire``
+    -> the trained copy -> ``to_wire`` -> ``client.wire.reply_array``)."""
     start = time.perf_counter()
     arrays, config = msg.content[ARRAYS_RECORD], msg.content[CONFIG_RECORD]
     wire, codec = str(config["wire-dtype"]), str(config.get("reply-codec", "none"))
     change, seed = _update_seed(msg, context)
     out = {}
     for index, name in enumerate(EXCHANGE_ARRAYS):
-        received = torch.from_numpy(np.array(arrays[name].numpy(), dtype=np.float32))
+        received = from_wire(arrays[name].data)  # read-only view of the message bytes (float32 wire)
         out[name] = reply_array(to_wire(trained_like(received, change, seed + index), wire), received, codec)
     content = RecordDict({
         ARRAYS_RECORD: ArrayRecord(out),
