@@ -60,8 +60,9 @@ class ServerConfig(BaseModel):
         weighting: ``samples`` (weight = num-examples) or ``uniform``.
         wire_dtype: ``float32`` (lossless) or ``float16`` for the arrays sent to sites.
         reply_codec: ``none`` (plain arrays) or ``xor-zstd``: sites code their train replies losslessly
-            against what they received, 20-40 % fewer bytes to upload for ~1 CPU-second per reply on each
-            side (README: worth it on uplinks slower than a few hundred Mbit/s).
+            against what they received: 20-43 % fewer bytes to upload, for ~1 CPU-second per reply at the
+            site and 0.35 s at the server at the published size (README: pays on uplinks slower than
+            roughly 300 Mbit/s).
         server_lr, beta1, beta2, tau: FedAdam's server optimiser.
         run_dir: checkpoints and metrics go here; resume: continue from its latest checkpoint.
         keep_checkpoints: round checkpoints kept on disk (0 = all).
