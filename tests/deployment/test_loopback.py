@@ -224,7 +224,8 @@ def test_tls_authenticated_federation_survives_a_killed_site(
 
 # -------------------------------------------------------------------------------------------- console scripts
 def test_console_scripts_run_one_round_without_tls(tmp_path: Path) -> None:
-    """``hermes-client start`` (a subprocess, stopped with SIGTERM) and ``hermes-server start`` (here)."""
+    """``hermes-client start`` (a subprocess, stopped with SIGTERM) and ``hermes-server start`` (here); the
+    site codes its reply with the opt-in reply codec, which real Flower processes carry."""
     from server.cli import main as server_main
 
     site_yaml = write_site(tmp_path / "site", "solo", ("STS_011", "STS_012"))
@@ -232,7 +233,7 @@ def test_console_scripts_run_one_round_without_tls(tmp_path: Path) -> None:
     port = free_port()
     server_yaml = tmp_path / "server.yaml"
     config = server_config(Path("run"), num_server_rounds=1, min_sites=1, min_sites_per_round=1,
-                           round_timeout_s=120.0).model_dump()
+                           round_timeout_s=120.0, reply_codec="xor-zstd").model_dump()
     server_yaml.write_text(yaml.safe_dump({k.replace("_", "-"): v for k, v in config.items()}))
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     client_log = open(tmp_path / "client.log", "wb")  # noqa: SIM115 - closed below
@@ -247,6 +248,8 @@ def test_console_scripts_run_one_round_without_tls(tmp_path: Path) -> None:
         log_text = (tmp_path / "run" / "superlink" / "superlink.log").read_text()
         assert status == 0, log_text[-3000:]
         assert sorted(RunStore(tmp_path / "run").round_files()) == [1]  # run-dir relative to the yaml
+        aggregate = [m for m in RunStore(tmp_path / "run").read_metrics() if m["scope"] == "aggregate"]
+        assert aggregate[0]["valid-replies"] == 1 and aggregate[0]["skipped"] == 0
         assert (tmp_path / "run" / "superlink" / "flwr-home" / "config.toml").is_file()
         assert client.poll() is None  # the SuperNode keeps serving until stopped
         client.send_signal(signal.SIGTERM)
