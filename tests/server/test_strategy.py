@@ -10,6 +10,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from client.wire import reply_array
 from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
@@ -21,7 +22,6 @@ from hermes_model.exchange import (
     TASK_ROWS,
     XOR_ZSTD_STYPE,
     StateLayout,
-    encode_delta,
 )
 from server.bank import PriorBank, parse_site_datasets
 from server.checkpoint import RunStore, load_round_checkpoint
@@ -202,8 +202,7 @@ def _coded_backbone(**changes: Callable[[Array], object]):
     def mutate(content: RecordDict) -> RecordDict:
         arrays = dict(content[ARRAYS_RECORD].items())
         values = torch.from_numpy(arrays[BACKBONE].numpy())
-        coded = Array(dtype="float32", shape=tuple(values.shape), stype=XOR_ZSTD_STYPE,
-                      data=encode_delta(values, torch.zeros_like(values)))
+        coded = reply_array(values, torch.zeros_like(values), "xor-zstd")
         fields = {"dtype": coded.dtype, "shape": tuple(coded.shape), "stype": coded.stype, "data": coded.data}
         arrays[BACKBONE] = Array(**{**fields, **{k: change(coded) for k, change in changes.items()}})
         return RecordDict({**dict(content.items()), ARRAYS_RECORD: ArrayRecord(arrays)})
@@ -311,16 +310,12 @@ def test_float16_wire_is_averaged_in_float32(setup):
     assert torch.allclose(new.backbone, torch.full_like(new.backbone, 3.1))
 
 
-def _coded(reply: Message, request: Message, **arrays: Array) -> Message:
-    """``reply`` with its arrays coded against ``request``'s (as a site with reply-codec xor-zstd does);
-    ``arrays`` replace coded ones by name."""
+def _coded(reply: Message, request: Message) -> Message:
+    """``reply`` with its arrays coded against ``request``'s, as a site with reply-codec xor-zstd does."""
     sent = request.content[ARRAYS_RECORD]
-    coded = {}
-    for name, array in reply.content[ARRAYS_RECORD].items():
-        values, reference = torch.from_numpy(array.numpy()), torch.from_numpy(sent[name].numpy())
-        coded[name] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=XOR_ZSTD_STYPE,
-                            data=encode_delta(values, reference))
-    content = RecordDict({**dict(reply.content.items()), ARRAYS_RECORD: ArrayRecord({**coded, **arrays})})
+    coded = {name: reply_array(torch.from_numpy(array.numpy()), torch.from_numpy(sent[name].numpy()), "xor-zstd")
+             for name, array in reply.content[ARRAYS_RECORD].items()}
+    content = RecordDict({**dict(reply.content.items()), ARRAYS_RECORD: ArrayRecord(coded)})
     return Message(content, reply_to=request)
 
 
