@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ from hermes_model.exchange import (
     TASK_ROWS,
     from_wire,
 )
+from hermes_model.fileio import atomic_write_json
+from hermes_model.fingerprint import fingerprints_to_json
+from hermes_model.plans import Plans
 
 __all__ = ["SITE_CONFIG_KEY", "SITE_CONFIGS_KEY", "SiteError", "app", "load_site", "parse_request",
            "site_config_path"]
@@ -51,7 +55,9 @@ logger = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"    # node config (SuperNode --node-config)
 SITE_CONFIGS_KEY = "site-configs"  # run config (simulation): paths separated by ","
 PARTITION_KEY = "partition-id"     # node config of a simulated client
-NAME_KEY, DATASETS_KEY = "name", "datasets"  # the query reply's ConfigRecord entries
+NAME_KEY, DATASETS_KEY, FINGERPRINT_KEY = "name", "datasets", "fingerprint"  # the query reply's entries
+REFUSED_KEY = "refused"  # a query whose config holds this key tells the site why the server refused it
+REFUSAL_FILE = "server_refusal.json"  # written into the site's work_dir: hermes-client start reads it
 
 app = ClientApp()
 
@@ -86,8 +92,19 @@ def site_config_path(context: Context) -> Path:
 _SITES: dict[tuple[Path, int], Site] = {}
 
 
+def _site_logging() -> None:
+    """Show the site's progress (INFO of ``client`` and ``hermes_model``) in the SuperNode's output: a
+    ClientApp process starts without logging configured, where only warnings would appear."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("client", "hermes_model"):
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
 def load_site(context: Context) -> Site:
     """The :class:`Site` of this node, cached per process while its config file is unchanged."""
+    _site_logging()
     path = site_config_path(context).resolve()
     key = (path, path.stat().st_mtime_ns if path.is_file() else -1)
     if key not in _SITES:
@@ -176,7 +193,18 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
         wire_dtype=_value(config, "wire-dtype", "float32"),
         reply_codec=_value(config, "reply-codec", "none"),
         proximal_mu=_value(config, "proximal-mu", 0.0),
+        plans=_plans(config),
+        run_key=_value(config, "run-key", "default"),
     )
+
+
+def _plans(config: ConfigRecord) -> Plans:
+    if "plans" not in config:
+        raise ProtocolError("config key 'plans' is missing (a server of this version always sends its plan)")
+    try:
+        return Plans.from_json(config["plans"])
+    except ValueError as exc:
+        raise ProtocolError(f"config key 'plans': {exc}") from None
 
 
 def _train_content(reply: TrainReply, request: RoundRequest) -> RecordDict:
@@ -195,11 +223,20 @@ def _train_content(reply: TrainReply, request: RoundRequest) -> RecordDict:
 @app.query()
 @_private_errors("query")
 def query(msg: Message, context: Context) -> Message:
-    """Reply with the site's name (from its config) and datasets: name, modality, classes, number of
-    training cases."""
+    """Reply with the site's name (from its config), its datasets (name, modality, classes, number of
+    training cases) and their fingerprint (aggregate statistics only). A query carrying ``refused`` is the
+    server's refusal of this site: it is logged and written to ``<work_dir>/server_refusal.json``."""
     site = load_site(context)
+    config = msg.content[CONFIG_RECORD] if CONFIG_RECORD in msg.content else ConfigRecord()
+    if REFUSED_KEY in config:
+        reason = str(config[REFUSED_KEY])
+        logger.error("site %s: the server refused this site: %s", site.name, reason)
+        atomic_write_json(site.config.work_dir / REFUSAL_FILE, {"time": time.time(), "reason": reason})
+        return Message(RecordDict({SITE_RECORD: ConfigRecord({NAME_KEY: site.name})}), reply_to=msg)
     datasets = json.dumps([d.to_dict() for d in site.describe()])
-    content = RecordDict({SITE_RECORD: ConfigRecord({NAME_KEY: site.name, DATASETS_KEY: datasets})})
+    fingerprint = fingerprints_to_json(site.fingerprint())
+    content = RecordDict({SITE_RECORD: ConfigRecord({NAME_KEY: site.name, DATASETS_KEY: datasets,
+                                                     FINGERPRINT_KEY: fingerprint})})
     return Message(content, reply_to=msg)
 
 

@@ -11,14 +11,15 @@ Example (see ``site_configs/templates/site.yaml`` for every key)::
         source: cases.csv
         classes: {1: tumour}              # required for datasets new to the catalog
         split: {val: 0.2, test: 0.2, seed: 0}
-    training: {batch_size: 2, patch_size: 128}
+    training: {batch_size: 2}
 
 :func:`load_site_config` reports every problem (unreadable yaml, wrong types, missing files, unknown
 modality or format, bad classes, a clash with the task catalog, bad splits, duplicate dataset names,
 unusable case ids) in one :class:`SiteConfigError`, each with the file and the key.
 
-Per-axis settings (``target_spacing``, ``min_size``) are given in physical ``x, y, z`` order, as
-SimpleITK reports sizes and spacings; a single number applies to all three axes.
+How the scans are preprocessed (spacing, patch size, crop margin, intensity) is not a site setting: the
+federation's plan decides it (:mod:`hermes_model.plans`), and a site config that still sets one of
+:data:`PLAN_KEYS` is refused with a message saying where the setting now lives.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ __all__ = [
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 MAX_LABEL_VALUE = 127  # labels are stored as int8
+# site-config keys of earlier versions that the federation's plan now decides -> the server setting
+PLAN_KEYS = {"target_spacing": "target-spacing", "min_size": "patch-size", "margin": "train-margin",
+             "interpolation": "interpolation"}
+PLAN_TRAINING_KEYS = {"patch_size": "patch-size"}
 
 
 class SiteConfigError(ValueError):
@@ -136,6 +141,8 @@ class DatasetConfig(BaseModel):
         classes: label value (1..127) -> class name; optional for catalog datasets (must then agree).
         split: a :class:`SplitSpec` (the string ``"catalog"`` is short for ``{catalog: true}``).
         ignore_values: label values mapped to background instead of being an error.
+        resample_label: resample a label whose grid (size, spacing, origin, direction) differs from its
+            image's onto the image grid; False (default) fails such a case, which is usually a mix-up.
         sample_weight / intensity_aug_prob: override the catalog's (or the modality's) defaults.
         options: extra options passed to the format's lister.
     """
@@ -149,6 +156,7 @@ class DatasetConfig(BaseModel):
     classes: dict[int, str] | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
     ignore_values: list[int] = Field(default_factory=list)
+    resample_label: bool = False
     sample_weight: float | None = Field(default=None, gt=0)
     intensity_aug_prob: float | None = Field(default=None, ge=0, le=1)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -270,10 +278,11 @@ class TrainingSettings(BaseModel):
 
     Attributes:
         devices: ``"auto"`` (all GPUs, else CPU), ``"cpu"``, or a list of CUDA device indices.
-        batch_size: patches per device per step.
-        patch_size: patch edge in voxels ([x, y, z] or one number), each divisible by 16.
+        batch_size: patches per device per step (the patch size is the federation's plan).
         local_iterations: optimiser steps per federated round.
         num_workers: data-loader worker processes.
+        threads: CPU threads of the site's training and evaluation (``torch.set_num_threads``; the
+            launcher also sets ``OMP_NUM_THREADS``); None = every core. Set it when sites share a machine.
         lr / weight_decay: LAMB optimiser settings (spec section 4).
         foreground_oversample: fraction of patches centred on labelled foreground.
         bf16 / channels_last: speed settings, used when the device supports them.
@@ -284,23 +293,15 @@ class TrainingSettings(BaseModel):
 
     devices: Literal["auto", "cpu"] | list[int] = "auto"
     batch_size: int = Field(default=2, ge=1)
-    patch_size: tuple[int, int, int] = (128, 128, 128)
     local_iterations: int = Field(default=400, ge=1)
     num_workers: int = Field(default=4, ge=0)
+    threads: int | None = Field(default=None, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     foreground_oversample: float = Field(default=0.33, ge=0, le=1)
     bf16: bool = True
     channels_last: bool = False
     seed: int = 0
-
-    @field_validator("patch_size", mode="before")
-    @classmethod
-    def _patch(cls, v: Any) -> tuple[int, int, int]:
-        size = _xyz(v, "patch_size", int)
-        if any(s % 16 for s in size):
-            raise ValueError(f"patch_size values must be divisible by 16 (4 poolings), got {list(size)}")
-        return size
 
     @field_validator("devices")
     @classmethod
@@ -318,10 +319,6 @@ class SiteConfig(BaseModel):
         work_dir: output folder (relative to the yaml file); preprocessed data goes to
             ``<work_dir>/preprocessed/``.
         datasets: the site's datasets (distinct names).
-        target_spacing: resampling spacing in mm, [x, y, z] or one number.
-        margin: voxels kept around the labelled foreground when cropping.
-        min_size: every axis is padded to at least this many voxels, [x, y, z] or one number.
-        interpolation: image interpolator for resampling (labels always use nearest neighbour).
         training: :class:`TrainingSettings`.
         root_certificates: the federation's CA certificate (PEM) that verifies the server's TLS
             certificate (``hermes-client start``; relative to the yaml file; ``None``: give it on the
@@ -338,10 +335,6 @@ class SiteConfig(BaseModel):
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
     datasets: list[DatasetConfig] = Field(min_length=1)
-    target_spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    margin: int = Field(default=20, ge=0)
-    min_size: tuple[int, int, int] = (128, 128, 128)
-    interpolation: Literal["bspline", "linear"] = "bspline"
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
     _config_path: Path | None = PrivateAttr(default=None)
@@ -364,16 +357,6 @@ class SiteConfig(BaseModel):
     def _relative_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         base = (info.context or {}).get("base_dir")
         return None if v is None else (Path(base) / v if base is not None else v).resolve()
-
-    @field_validator("target_spacing", mode="before")
-    @classmethod
-    def _spacing(cls, v: Any) -> tuple[float, float, float]:
-        return _xyz(v, "target_spacing", float)
-
-    @field_validator("min_size", mode="before")
-    @classmethod
-    def _min_size(cls, v: Any) -> tuple[int, int, int]:
-        return _xyz(v, "min_size", int)
 
     @field_validator("datasets")
     @classmethod
@@ -485,7 +468,7 @@ def load_site_config(path: str | Path, catalog: Catalog | None = None) -> SiteCo
     catalog = catalog if catalog is not None else Catalog.load()
     context = {"base_dir": path.parent, "catalog": catalog}
     where = path.name
-    errors: list[str] = []
+    raw, errors = _without_plan_keys(raw, where)
     config: SiteConfig | None = None
     raw_datasets = raw.get("datasets")
     names = [d.get("name") if isinstance(d, Mapping) else None for d in raw_datasets or []]
@@ -506,6 +489,25 @@ def load_site_config(path: str | Path, catalog: Catalog | None = None) -> SiteCo
         raise SiteConfigError(path, errors)
     config._config_path = path
     return config
+
+
+def _without_plan_keys(raw: Mapping[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` without the keys the federation's plan decides, and one error per such key."""
+    out, errors = dict(raw), []
+    training = dict(raw["training"]) if isinstance(raw.get("training"), Mapping) else None
+    moved = [(k, s, out) for k, s in PLAN_KEYS.items()]
+    moved += [(k, s, training) for k, s in PLAN_TRAINING_KEYS.items()] if training is not None else []
+    for key, setting, table in moved:
+        if key in table:
+            del table[key]
+            prefix = "training." if table is training else ""
+            errors.append(
+                f"{where}: {prefix}{key}: preprocessing and patch settings are decided by the federation's plan, "
+                f"not by a site: remove it here; the server sets it ('{setting}' in server.yaml)"
+            )
+    if training is not None:
+        out["training"] = training
+    return out, errors
 
 
 def _valid_datasets(raw: Mapping[str, Any], context: dict[str, Any]) -> list[DatasetConfig]:

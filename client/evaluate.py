@@ -9,9 +9,11 @@ its ending (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``), so
 with ``ref/case1.nrrd``. Files of ``--pred`` without a reference (e.g. ``hermes-predict``'s
 ``*_prob_*`` maps) are ignored; a reference without a prediction is reported and makes the exit status 1.
 
-Geometry: metrics are computed on the REFERENCE grid at its native spacing. When the prediction's grid
-differs (size, spacing, origin or direction), it is resampled onto the reference grid in physical space
-with nearest neighbour; a prediction that does not overlap the reference in space fails its case.
+Geometry: metrics are computed on the REFERENCE grid at its native spacing. ``hermes-predict`` writes its
+label maps on the grid of the scan they segment, so a prediction whose grid (size, spacing, origin or
+direction) differs from its reference's is most often paired with the wrong reference: such a case fails,
+naming both geometries. ``--resample-pred`` instead resamples the prediction onto the reference grid in
+physical space with nearest neighbour (a prediction that does not overlap the reference still fails).
 
 Classes (``--labels``): a JSON object ``{"<class name>": spec}``, where ``spec`` is a label value used in
 both files, a list of values (merged into one class), or ``{"pred": values, "ref": values}`` when the two
@@ -23,11 +25,14 @@ Metrics per case and class (:mod:`hermes_model.metrics`; NaN, written as an empt
 is undefined for the case, e.g. a class absent from the reference):
 
 - ``dice``, ``hd95_mm`` (95th-percentile symmetric surface distance, mm) and ``surface_dice``
-  (normalised surface Dice at ``--tolerance-mm``), at the reference's native spacing;
-- ``dice_1p5mm``: the Dice that the published Hermes code reports, for comparison with the paper: both
-  the prediction and the reference resampled to 1.5 mm isotropic (nearest neighbour, identity direction,
-  the reference's centre), cropped to the reference's foreground box plus 20 voxels (its preprocessing
-  crop, so false positives far from the labelled region do not count, as in its validation).
+  (area-weighted normalised surface Dice at ``--tolerance-mm``, as DeepMind's ``surface-distance``), at the
+  reference's native spacing;
+- ``dice_paper``: the convention of the published Hermes code's validation, for comparison with the
+  paper: both the prediction and the reference resampled to the model's training spacing (nearest
+  neighbour, identity direction, the reference's centre), cropped to the reference's foreground box plus
+  the training crop margin, so false positives far from the labelled region do not count. The spacing and
+  margin are the model's plan (``--model``, else the ``plans`` of the prediction's ``*_labels.json`` written
+  by ``hermes-predict``), else the paper's 1.5 mm and 20 voxels. It is NOT what a user gets: ``dice`` is.
 
 The CSV has one row per case and class; the summary printed at the end is the mean per class over the
 cases where the metric is defined (the reference's convention: cases where the class is present).
@@ -55,9 +60,11 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from client.formats import IMAGE_SUFFIXES
-from client.preprocess import CaseError, foreground_box, physical_extent, read_image, target_grid
+from client.preprocess import CaseError, describe_grid, foreground_box, physical_extent, read_image, target_grid
 from hermes_model.fileio import atomic_write_bytes
 from hermes_model.metrics import dice_per_task, hd95_per_task, summarise, surface_dice_per_task
+from hermes_model.plans import Plans
+from hermes_model.trained import PLANS_KEY
 
 __all__ = [
     "METRICS",
@@ -72,10 +79,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("dice", "hd95_mm", "surface_dice", "dice_1p5mm")
+METRICS = ("dice", "hd95_mm", "surface_dice", "dice_paper")
 CSV_COLUMNS = ("case", "class", "ref_values", "pred_values", *METRICS, "ref_voxels", "pred_voxels")
-PAPER_SPACING = 1.5
-PAPER_MARGIN = 20
+PAPER_PLANS = Plans()  # the recipe: 1.5 mm, crop margin 20
 SPACING_RTOL, ORIGIN_ATOL_VOXELS, DIRECTION_ATOL = 1e-4, 1e-3, 1e-4
 EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -204,12 +210,21 @@ def _as_int_labels(image: sitk.Image, name: str) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkInt32)
 
 
-def _onto_reference(pred: sitk.Image, ref: sitk.Image, name: str) -> sitk.Image:
-    """``pred`` on the reference grid: as is when the grids agree, else nearest-neighbour resampled."""
+def _onto_reference(pred: sitk.Image, ref: sitk.Image, name: str, resample: bool = False) -> sitk.Image:
+    """``pred`` on the reference grid: as is when the grids agree; resampled (exactly) when it holds the same
+    voxels in another storage order; else, with ``resample``, nearest-neighbour resampled, and without it a
+    :class:`CaseError` naming both geometries."""
     if _same_grid(pred, ref):
         out = sitk.Image(pred)
         out.CopyInformation(ref)
         return out
+    same_voxels = _same_grid(sitk.DICOMOrient(pred, "LPS"), sitk.DICOMOrient(ref, "LPS"))
+    if not (resample or same_voxels):
+        raise CaseError(
+            f"{name}: the prediction's grid differs from the reference's (prediction: {describe_grid(pred)}; "
+            f"reference: {describe_grid(ref)}): is it paired with the right reference? Pass --resample-pred to "
+            "resample it onto the reference grid"
+        )
     box_p, box_r = physical_extent(pred), physical_extent(ref)
     overlap = np.minimum(box_p[:, 1], box_r[:, 1]) - np.maximum(box_p[:, 0], box_r[:, 0])
     if np.any(overlap <= 0):
@@ -221,10 +236,10 @@ def _onto_reference(pred: sitk.Image, ref: sitk.Image, name: str) -> sitk.Image:
     return sitk.Resample(pred, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, pred.GetPixelID())
 
 
-def _paper_grid_arrays(pred: sitk.Image, ref: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Both label images on the 1.5 mm identity-direction grid of the reference, cropped as its
-    preprocessing does (reference foreground box + 20 voxels); arrays (Z, Y, X)."""
-    spacing = (PAPER_SPACING,) * 3
+def _paper_grid_arrays(pred: sitk.Image, ref: sitk.Image, plans: Plans) -> tuple[np.ndarray, np.ndarray]:
+    """Both label images on the plan's identity-direction grid around the reference, cropped as training
+    preprocessing does (reference foreground box + the plan's margin); arrays (Z, Y, X)."""
+    spacing = plans.target_spacing
     size, origin = target_grid(ref, spacing)
     grid = sitk.Image([int(s) for s in size], sitk.sitkInt32)
     grid.SetSpacing(spacing)
@@ -232,7 +247,7 @@ def _paper_grid_arrays(pred: sitk.Image, ref: sitk.Image) -> tuple[np.ndarray, n
     grid.SetDirection(_IDENTITY)
     r = sitk.GetArrayFromImage(sitk.Resample(ref, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     p = sitk.GetArrayFromImage(sitk.Resample(pred, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-    box = foreground_box(r, PAPER_MARGIN)
+    box = foreground_box(r, plans.train_margin)
     if box is None:
         return p, r
     crop = tuple(slice(a, b) for a, b in box)
@@ -242,28 +257,36 @@ def _paper_grid_arrays(pred: sitk.Image, ref: sitk.Image) -> tuple[np.ndarray, n
 # ------------------------------------------------------------------------------------------------ metrics
 def evaluate_case(
     pred: sitk.Image, ref: sitk.Image, classes: Sequence[ClassSpec] | None = None, tolerance_mm: float = 2.0,
-    name: str = "case",
+    name: str = "case", *, plans: Plans | None = None, metrics: Sequence[str] = METRICS,
+    resample_pred: bool = False,
 ) -> list[dict[str, Any]]:
     """Metrics of one case, one row per class (see the module docstring).
 
     Args:
-        pred: predicted label image (any grid overlapping ``ref``).
+        pred: predicted label image (on the reference's grid, unless ``resample_pred``).
         ref: reference label image; its grid and native spacing are the ones used.
         classes: classes to evaluate; None = every non-zero value of either image.
         tolerance_mm: surface Dice tolerance.
         name: case name (messages and the ``case`` column).
+        plans: the model's plan, for ``dice_paper`` (None: the paper's 1.5 mm and margin 20).
+        metrics: the metrics to compute (a subset of :data:`METRICS`); the others are NaN. HD95 and
+            surface Dice cost the most.
+        resample_pred: resample a prediction on another grid onto the reference's instead of failing.
 
     Returns:
         Rows ``{"case", "class", "ref_values", "pred_values", "dice", "hd95_mm", "surface_dice",
-        "dice_1p5mm", "ref_voxels", "pred_voxels"}`` (metrics as floats, NaN where undefined).
+        "dice_paper", "ref_voxels", "pred_voxels"}`` (metrics as floats, NaN where undefined).
     """
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; allowed: {list(METRICS)}")
     ref = _as_int_labels(ref, name)
     pred_native = _as_int_labels(pred, name)
-    pred = _onto_reference(pred_native, ref, name)
+    pred = _onto_reference(pred_native, ref, name, resample_pred)
     p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
     spacing_zyx = tuple(reversed(ref.GetSpacing()))
     classes = list(classes) if classes is not None else _default_classes(p, r)
-    p15, r15 = _paper_grid_arrays(pred_native, ref)
+    paper = _paper_grid_arrays(pred_native, ref, plans or PAPER_PLANS) if "dice_paper" in metrics else None
     rows = []
     for cls in classes:
         pm, rm = np.isin(p, cls.pred_values)[None], np.isin(r, cls.ref_values)[None]
@@ -272,15 +295,27 @@ def evaluate_case(
             "class": cls.name,
             "ref_values": " ".join(map(str, cls.ref_values)),
             "pred_values": " ".join(map(str, cls.pred_values)),
-            "dice": float(dice_per_task(pm, rm)[0]),
-            "hd95_mm": float(hd95_per_task(pm, rm, spacing_zyx)[0]),
-            "surface_dice": float(surface_dice_per_task(pm, rm, tolerance_mm, spacing_zyx)[0]),
-            "dice_1p5mm": float(dice_per_task(np.isin(p15, cls.pred_values)[None],
-                                              np.isin(r15, cls.ref_values)[None])[0]),
+            **_class_metrics(pm, rm, cls, paper, spacing_zyx, tolerance_mm, metrics),
             "ref_voxels": int(rm.sum()),
             "pred_voxels": int(pm.sum()),
         })
     return rows
+
+
+def _class_metrics(pm: np.ndarray, rm: np.ndarray, cls: ClassSpec, paper: tuple[np.ndarray, np.ndarray] | None,
+                   spacing_zyx: Sequence[float], tolerance_mm: float, metrics: Sequence[str]) -> dict[str, float]:
+    """The requested metrics of one class (masks (1, Z, Y, X) on the reference grid); NaN for the others."""
+    out = dict.fromkeys(METRICS, math.nan)
+    if "dice" in metrics:
+        out["dice"] = float(dice_per_task(pm, rm)[0])
+    if "hd95_mm" in metrics:
+        out["hd95_mm"] = float(hd95_per_task(pm, rm, spacing_zyx)[0])
+    if "surface_dice" in metrics:
+        out["surface_dice"] = float(surface_dice_per_task(pm, rm, tolerance_mm, spacing_zyx)[0])
+    if paper is not None:
+        pred, ref = (np.isin(a, v)[None] for a, v in zip(paper, (cls.pred_values, cls.ref_values), strict=True))
+        out["dice_paper"] = float(dice_per_task(pred, ref)[0])
+    return out
 
 
 @dataclass
@@ -331,6 +366,9 @@ def evaluate(
     labels: str | os.PathLike | Mapping[str, Any] | None = None,
     tolerance_mm: float = 2.0,
     progress: bool = True,
+    *,
+    model: str | os.PathLike | None = None,
+    resample_pred: bool = False,
 ) -> Evaluation:
     """Evaluate predictions against references and write the CSV (the ``hermes-evaluate`` command).
 
@@ -341,6 +379,9 @@ def evaluate(
         labels: the ``--labels`` JSON file or its parsed object; None = every value found.
         tolerance_mm: surface Dice tolerance in mm.
         progress: progress bar over the cases.
+        model: a checkpoint whose plan sets ``dice_paper``'s grid (None: each prediction's ``*_labels.json``,
+            else the paper's).
+        resample_pred: resample predictions whose grid differs from their reference's (else they fail).
 
     Returns:
         The :class:`Evaluation`; a case that fails (unreadable, no spatial overlap) does not stop the others.
@@ -351,18 +392,42 @@ def evaluate(
     if not (isinstance(tolerance_mm, int | float) and math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ValueError(f"--tolerance-mm must be a finite number >= 0, got {tolerance_mm!r}")
     classes = _load_labels(labels)
+    model_plans = _model_plans(model) if model is not None else None
     pairs, missing = pair_cases(pred, ref)
     result = Evaluation(missing=[f"{case}: no prediction for reference {case!r}" for case in missing])
     for case, pred_path, ref_path in tqdm(pairs, desc="hermes-evaluate", unit="case", disable=not progress):
         try:
             pred_img, ref_img = read_image(pred_path), read_image(ref_path)
-            result.rows += evaluate_case(pred_img, ref_img, classes, tolerance_mm, case)
+            plans = model_plans or prediction_plans(pred_path)
+            result.rows += evaluate_case(pred_img, ref_img, classes, tolerance_mm, case, plans=plans,
+                                         resample_pred=resample_pred)
         except CaseError as exc:
             result.failed.append(f"{case}: {exc}")
             logger.error("%s: %s", case, exc)
     result.summary = summarise_rows(result.rows)
     _write_csv(Path(output), result.rows)
     return result
+
+
+def _model_plans(model: str | os.PathLike) -> Plans:
+    from hermes_model.factory import load_checkpoint
+
+    path = Path(model)
+    if not path.is_file():
+        raise ValueError(f"--model {path}: no such checkpoint file")
+    extra = load_checkpoint(path).extra
+    if PLANS_KEY not in extra:
+        raise ValueError(f"--model {path}: the checkpoint carries no plans record")
+    return Plans.from_dict(extra[PLANS_KEY])
+
+
+def prediction_plans(pred_path: Path) -> Plans | None:
+    """The plan recorded by ``hermes-predict`` beside a prediction (``<stem>_labels.json``), or None."""
+    info = pred_path.with_name(f"{_stem(pred_path.name)}_labels.json")
+    try:
+        return Plans.from_dict(json.loads(info.read_text(encoding="utf-8"))["plans"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -378,7 +443,7 @@ def _summary_line(name: str, cases: str, values: Sequence[float], width: int) ->
 def format_summary(summary: Sequence[Mapping[str, Any]], tolerance_mm: float) -> str:
     """The printed table: one line per class (mean over cases), then the mean over classes."""
     width = max([len("class"), len("mean over classes"), *(len(s["class"]) for s in summary)])
-    titles = ["dice", "hd95_mm", f"nsd@{tolerance_mm:g}mm", "dice@1.5mm"]
+    titles = ["dice", "hd95_mm", f"nsd@{tolerance_mm:g}mm", "dice(paper)"]
     lines = [f"{'class':<{width}}  {'cases':>5}" + "".join(f"  {t:>12}" for t in titles)]
     lines += [_summary_line(s["class"], str(s["cases"]), [s[m] for m in METRICS], width) for s in summary]
     if summary:
@@ -392,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hermes-evaluate",
         description="Dice, HD95 and surface Dice per case and class at native spacing, and the paper's "
-                    "1.5 mm Dice.",
+                    "Dice convention (training grid, cropped around the reference).",
     )
     p.add_argument("--pred", required=True, help="predicted label file or folder")
     p.add_argument("--ref", required=True, help="reference label file or folder (original geometry)")
@@ -400,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None,
                    help='JSON file {"class": value | [values] | {"pred": v, "ref": v}}; default: every value')
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance (default 2 mm)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint whose plan sets the grid of the paper's Dice column (default: the plan in "
+                        "each prediction's *_labels.json, else 1.5 mm)")
+    p.add_argument("--resample-pred", action="store_true",
+                   help="resample a prediction whose grid differs from its reference's (default: such a case "
+                        "fails: it is usually paired with the wrong reference)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -415,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             result = evaluate(args.pred, args.ref, args.output, args.labels, args.tolerance_mm,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, model=args.model, resample_pred=args.resample_pred)
     except ValueError as exc:
         print(f"hermes-evaluate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,8 +25,9 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,8 @@ class LocalResult:
 
     ``loss``, ``bce`` and ``dice`` are means over the steps and processes; ``modality_acc`` is the fraction
     of training patches of known modality whose modality logits pick the right one (NaN when no patch had
-    a known modality); ``samples`` = iterations x batch size x processes.
+    a known modality); ``samples`` = iterations x batch size x processes; ``task_samples``: task id ->
+    training samples whose task tokens held it (over all processes).
     """
 
     iterations: int
@@ -205,6 +207,7 @@ class LocalResult:
     dice: float
     modality_acc: float
     seconds: float
+    task_samples: dict[int, int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Finite metrics, named as in the protocol (``modality-acc`` left out when undefined)."""
@@ -285,6 +288,7 @@ def run_iterations(
         ids = [engine.device.index] if engine.device.type == "cuda" else None
         engine.model = _DistributedView(DistributedDataParallel(plain, device_ids=ids))
     sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0}
+    task_samples: Counter[int] = Counter()
     steps, samples, start = 0, 0, time.perf_counter()
     try:
         for batch in batches:
@@ -293,6 +297,8 @@ def run_iterations(
             out = engine.train_step(batch)
             steps += 1
             samples += int(batch["image"].shape[0])
+            for row in batch["task_ids"].tolist():
+                task_samples.update({t for t in row if t >= 0})
             for key in sums:
                 sums[key] += out[key]
             if rank == 0 and (steps % every == 0 or steps == iterations):
@@ -313,6 +319,9 @@ def run_iterations(
         totals = totals.to(engine.device)
         dist.all_reduce(totals)
         totals = totals.cpu()
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, dict(task_samples))
+        task_samples = sum((Counter(g) for g in gathered), Counter())
     n = steps * world_size
     loss, bce, dice, correct, known, seen = totals.tolist()
     return LocalResult(
@@ -324,6 +333,7 @@ def run_iterations(
         dice=dice / n,
         modality_acc=correct / known if known else math.nan,
         seconds=time.perf_counter() - start,
+        task_samples=dict(sorted(task_samples.items())),
     )
 
 

@@ -77,9 +77,17 @@ from hermes_model.catalog import (
 from hermes_model.factory import load_checkpoint
 from hermes_model.fileio import atomic_write_json
 from hermes_model.inference import MODES, ROI_DIVISOR, predict_volume
+from hermes_model.plans import EVAL_CROP, RECIPE_PATCH, RECIPE_SPACING, Plans
+from hermes_model.trained import (
+    PLANS_KEY,
+    TRAINED_TASKS_KEY,
+    TrainedTask,
+    trained_from_dict,
+    trained_modality_rows,
+)
 
 __all__ = [
-    "DEFAULT_SPACING",
+    "DEFAULT_SW_BATCH",
     "LEVEL",
     "MIN_EXTENT",
     "InferenceOptions",
@@ -100,7 +108,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DEFAULT_OUTPUT_SUFFIX = ".nii.gz"
-DEFAULT_SPACING = 1.5
+DEFAULT_SW_BATCH = 1
 LEVEL = 0.5
 MIN_EXTENT = ROI_DIVISOR  # voxels per axis at the target spacing: one cell of the network's coarsest level
 DEVICES = ("auto", "cpu", "cuda")
@@ -125,8 +133,9 @@ class LoadedModel:
         source: ``"hermes-fl"`` (ours) or ``"published"``.
         task_slots: the model's ``task_slots`` (task ids ``0..task_slots-2`` fit), None when unknown.
         modality_slots: rows of its modality prior bank.
-        trained_tasks: task ids some site trained (from a server checkpoint's bank table), None = all.
-        trained_modality_rows: modality rows some site trained, None = all.
+        trained: task id -> what trained it (:mod:`hermes_model.trained`); None = unknown (the published
+            checkpoint: every task of its catalog was trained).
+        plans: the plan the model was trained with (None: unknown, the recipe's is used).
         device: where the windows run.
     """
 
@@ -136,9 +145,13 @@ class LoadedModel:
     source: str
     task_slots: int | None
     modality_slots: int
-    trained_tasks: frozenset[int] | None = None
-    trained_modality_rows: frozenset[int] | None = None
+    trained: dict[int, TrainedTask] | None = None
+    plans: Plans | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def trained_modality_rows(self) -> frozenset[int] | None:
+        return None if self.trained is None else trained_modality_rows(self.trained, self.modality_slots)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -146,14 +159,23 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _trained_rows(extra: Mapping[str, Any], kind: str) -> frozenset[int] | None:
-    """Rows of ``kind`` (``task``/``modality``) that some site owns, from a server round checkpoint's
-    bank table (``extra["server"]["bank"]["rows"][kind]``: row -> ``{"owners": [...]}``); None if absent."""
-    try:
-        rows = extra["server"]["bank"]["rows"][kind]
-        return frozenset(int(r) for r, info in rows.items() if info.get("owners"))
-    except (KeyError, TypeError, ValueError, AttributeError):
+def _trained(extra: Mapping[str, Any], path: Path) -> dict[int, TrainedTask] | None:
+    if TRAINED_TASKS_KEY not in extra:
         return None
+    try:
+        return trained_from_dict(extra[TRAINED_TASKS_KEY])
+    except ValueError as exc:
+        raise ValueError(f"--model {path}: {_first_line(exc)}") from None
+
+
+def _plans(extra: Mapping[str, Any], path: Path) -> Plans | None:
+    if PLANS_KEY not in extra:
+        logger.info("%s carries no plans record: the recipe's preprocessing is used", path.name)
+        return None
+    try:
+        return Plans.from_dict(extra[PLANS_KEY])
+    except ValueError as exc:
+        raise ValueError(f"--model {path}: {_first_line(exc)}") from None
 
 
 def _catalog_for(extra: Mapping[str, Any], catalog: str | os.PathLike | None, path: Path) -> Catalog:
@@ -195,7 +217,7 @@ def load_model(
     try:
         loaded = load_checkpoint(path, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch/pickle/shape errors: all mean "not a usable checkpoint"
-        raise ValueError(f"--model {path}: cannot load the checkpoint: {_first_line(exc)}") from exc
+        raise ValueError(f"--model {path}: {_first_line(exc)}") from exc
     config = loaded.config
     task_slots = getattr(loaded.model, "task_slots", config.get("task_slots"))
     modality_slots = getattr(loaded.model, "modality_slots", config.get("modality_slots", 6))
@@ -207,8 +229,8 @@ def load_model(
         source=loaded.source,
         task_slots=int(task_slots) if task_slots is not None else None,
         modality_slots=int(modality_slots),
-        trained_tasks=_trained_rows(loaded.extra, "task"),
-        trained_modality_rows=_trained_rows(loaded.extra, "modality"),
+        trained=_trained(loaded.extra, path),
+        plans=_plans(loaded.extra, path),
         device=torch.device(device),
     )
 
@@ -243,12 +265,10 @@ class TaskSelection:
         }
 
 
-def _in_bank(task_id: int, loaded: LoadedModel) -> str | None:
-    """Why ``task_id`` is not in the model's bank, or None when it is."""
+def _capacity(task_id: int, loaded: LoadedModel) -> str | None:
+    """Why ``task_id`` has no row in the model's bank, or None when it has one."""
     if loaded.task_slots is not None and task_id > loaded.task_slots - 2:
         return f"the model has task_slots={loaded.task_slots}, i.e. task ids 0..{loaded.task_slots - 2}"
-    if loaded.trained_tasks is not None and task_id not in loaded.trained_tasks:
-        return "no site trained this task's prior"
     return None
 
 
@@ -262,18 +282,45 @@ def _expand(entry: str, catalog: Catalog) -> list[str]:
     return [entry]
 
 
-def resolve_tasks(tasks: str | Sequence[str] | None, loaded: LoadedModel) -> TaskSelection:
-    """The tasks named by ``--tasks`` (see the module docstring), or every task of the model's bank.
+def default_task_keys(loaded: LoadedModel, modality: str | None = None) -> tuple[list[str], str]:
+    """The tasks segmented when ``--tasks`` is not given, and the rule that chose them (for the log).
+
+    The rule: the tasks this model was trained on, restricted to those trained on ``modality`` when some
+    were (a prior learned on CT scans says little about an MR scan); every trained task when none was
+    trained on it; for a checkpoint without a training record (the published one), every task of its
+    catalog that fits its bank.
+    """
+    table = loaded.catalog.task_map()
+    fits = {k: t for k, t in table.items() if _capacity(t, loaded) is None}
+    if loaded.trained is None:
+        return list(fits), "every task of the model's catalog (the checkpoint has no training record)"
+    trained = {k: t for k, t in fits.items() if t in loaded.trained}
+    if not trained:
+        raise ValueError(f"--model {loaded.path}: its training record names no task of its catalog")
+    if modality is not None:
+        name = canonical_modality(modality)
+        same = {k: t for k, t in trained.items() if name in loaded.trained[t].modalities}
+        if same:
+            return list(same), f"the tasks this model was trained on with {name} scans"
+        return list(trained), (f"every task this model was trained on (none was trained on {name} scans: "
+                               "expect a weaker result)")
+    return list(trained), "every task this model was trained on"
+
+
+def resolve_tasks(tasks: str | Sequence[str] | None, loaded: LoadedModel, modality: str | None = None
+                  ) -> TaskSelection:
+    """The tasks named by ``--tasks`` (see the module docstring), or :func:`default_task_keys`.
+
+    A named task that no site trained is allowed with a warning: its prior row is still the random one.
 
     Raises:
-        ValueError: an unknown dataset or task (close matches listed), or a task not in the model's bank.
+        ValueError: an unknown dataset or task (close matches listed), or a task without a row in the bank.
     """
     catalog = loaded.catalog
     table = catalog.task_map()
     if tasks is None:
-        keys = [k for k, t in table.items() if _in_bank(t, loaded) is None]
-        if not keys:
-            raise ValueError(f"--model {loaded.path}: no task of its catalog is in the model's bank")
+        keys, rule = default_task_keys(loaded, modality)
+        logger.info("tasks: %s", rule)
     else:
         entries = [tasks] if isinstance(tasks, str) else list(tasks)
         parts = [p.strip() for e in entries for p in str(e).split(",") if p.strip()]
@@ -286,13 +333,14 @@ def resolve_tasks(tasks: str | Sequence[str] | None, loaded: LoadedModel) -> Tas
             except ValueError as exc:
                 raise ValueError(f"--tasks {part!r}: {_first_line(exc)}") from None
         for key in keys:
-            reason = _in_bank(table[key], loaded)
+            reason = _capacity(table[key], loaded)
             if reason is not None:
-                in_bank = sorted({k.split('/')[0] for k, t in table.items() if _in_bank(t, loaded) is None})
-                raise ValueError(
-                    f"--model {loaded.path}: task {key!r} (id {table[key]}) is not in the model's bank: "
-                    f"{reason}; datasets with tasks in the bank: {in_bank}"
-                )
+                raise ValueError(f"--model {loaded.path}: task {key!r} (id {table[key]}) is not in the model's "
+                                 f"bank: {reason}")
+        untrained = [k for k in keys if loaded.trained is not None and table[k] not in loaded.trained]
+        if untrained:
+            logger.warning("tasks %s were never trained in this model: their priors are the random initial "
+                           "ones and their output means nothing", untrained)
     chosen: dict[int, str] = {}
     for key in keys:
         chosen.setdefault(table[key], key)  # a shared task id is computed once, under its first key
@@ -389,26 +437,29 @@ class InferenceOptions:
     """How each scan is segmented.
 
     Attributes:
-        roi: window edge in voxels (a positive multiple of 16); every axis is padded to at least this.
+        roi: window size in voxels, (x, y, z) or one number (positive multiples of 16): the plan's patch
+            size; every axis is padded to at least this.
         overlap: window overlap fraction in [0, 1).
         blend: ``"constant"`` (plain average, as the reference) or ``"gaussian"``.
-        spacing: (x, y, z) mm the image is resampled to (the training ``target_spacing``).
+        spacing: (x, y, z) mm the image is resampled to (the plan's ``target_spacing``).
         sw_batch_size: windows per forward pass.
         probabilities: also write each task's probability map.
         progress: show progress bars.
     """
 
-    roi: int = 128
+    roi: tuple[int, int, int] | int = RECIPE_PATCH
     overlap: float = 0.5
     blend: str = "constant"
-    spacing: tuple[float, float, float] = (DEFAULT_SPACING,) * 3
-    sw_batch_size: int = 1
+    spacing: tuple[float, float, float] = RECIPE_SPACING
+    sw_batch_size: int = DEFAULT_SW_BATCH
     probabilities: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not _positive_int(self.roi) or self.roi % ROI_DIVISOR:
-            raise ValueError(f"--roi must be a positive multiple of {ROI_DIVISOR}, got {self.roi!r}")
+        roi = (self.roi,) * 3 if isinstance(self.roi, int) and not isinstance(self.roi, bool) else tuple(self.roi)
+        if len(roi) != 3 or not all(_positive_int(r) and r % ROI_DIVISOR == 0 for r in roi):
+            raise ValueError(f"--roi must be one or three positive multiples of {ROI_DIVISOR}, got {self.roi!r}")
+        object.__setattr__(self, "roi", roi)
         if not 0.0 <= float(self.overlap) < 1.0:
             raise ValueError(f"--overlap must be in [0, 1), got {self.overlap!r}")
         if self.blend not in MODES:
@@ -417,6 +468,15 @@ class InferenceOptions:
             raise ValueError(f"--spacing must be 1 or 3 positive numbers (mm), got {self.spacing!r}")
         if not _positive_int(self.sw_batch_size):
             raise ValueError(f"--sw-batch-size must be an int >= 1, got {self.sw_batch_size!r}")
+
+    @property
+    def roi_zyx(self) -> tuple[int, int, int]:
+        return tuple(reversed(self.roi))  # type: ignore[return-value,arg-type]
+
+    @classmethod
+    def from_plans(cls, plans: Plans, **overrides: Any) -> InferenceOptions:
+        """The plan's spacing and patch size as window, with other settings from ``overrides``."""
+        return cls(roi=plans.patch_size, spacing=plans.target_spacing, **overrides)
 
 
 def _positive_int(value: object) -> bool:
@@ -497,6 +557,38 @@ def _to_original(
     return _original_image(labels, meta)
 
 
+def segment_preprocessed(
+    model: nn.Module,
+    image_zyx: np.ndarray,
+    meta: Mapping[str, Any],
+    task_ids: Sequence[int],
+    modality_id: int,
+    options: InferenceOptions,
+    device: torch.device,
+    prob_paths: Sequence[Path] | None = None,
+) -> sitk.Image:
+    """The label map, on the scan's original grid, of a preprocessed scan: sliding-window probabilities of
+    ``task_ids`` (windows of ``options.roi``), restored to the original geometry, and task ``i`` written as
+    value ``i + 1`` where it is the most probable task at or above :data:`LEVEL`.
+
+    This is the one code path from a preprocessed volume to a label map: ``hermes-predict`` and the sites'
+    whole-scan evaluation both use it.
+
+    Args:
+        model: the network (eval mode, on ``device``).
+        image_zyx: (Z, Y, X) float32 preprocessed image; meta: its metadata (``restore_to_original``).
+        task_ids: global task ids; modality_id: the scan's modality id.
+        options: sliding-window settings; device: where the windows run.
+        prob_paths: where to write each task's probability map on the original grid (None: not written).
+    """
+    probs = predict_volume(
+        model, image_zyx, list(task_ids), modality_id, roi_size=options.roi_zyx, overlap=options.overlap,
+        mode=options.blend, sw_batch_size=options.sw_batch_size, precision=_precision(device), sw_device=device,
+        device=_accumulation_device(device, len(task_ids), image_zyx.shape), progress=options.progress,
+    ).cpu()
+    return _to_original(probs, meta, range(1, len(task_ids) + 1), prob_paths)
+
+
 def predict_scan(
     loaded: LoadedModel,
     scan: str | os.PathLike,
@@ -525,8 +617,10 @@ def predict_scan(
     scan, output = Path(scan), Path(output)
     canonical = canonical_modality(modality)
     mid = resolve_modality(canonical, loaded)
+    plans = loaded.plans or Plans()
     settings = PreprocessSettings(modality=canonical, classes=(), target_spacing=options.spacing,
-                                  min_size=(options.roi,) * 3)
+                                  min_size=options.roi, interpolation=plans.interpolation, crop=EVAL_CROP,
+                                  intensity=plans.scheme(canonical))
     try:
         image_zyx, meta = preprocess_image(scan, settings)
     except CaseError as exc:
@@ -536,17 +630,12 @@ def predict_scan(
     _check_extent(scan, meta)
     for warning in meta["warnings"]:
         logger.warning("%s: %s", scan, warning)
-    device = loaded.device
-    precision = _precision(device)
-    probs = predict_volume(
-        loaded.model, image_zyx, list(tasks.task_ids), mid, roi_size=options.roi, overlap=options.overlap,
-        mode=options.blend, sw_batch_size=options.sw_batch_size, precision=precision, sw_device=device,
-        device=_accumulation_device(device, len(tasks.task_ids), image_zyx.shape), progress=options.progress,
-    ).cpu()
+    precision = _precision(loaded.device)
     stem, suffix = _output_stem(output)
     prob_paths = ([output.with_name(f"{stem}_prob_{v}{suffix}") for v in tasks.values]
                   if options.probabilities else None)
-    labels = _to_original(probs, meta, tasks.values, prob_paths)
+    labels = segment_preprocessed(loaded.model, image_zyx, meta, tasks.task_ids, mid, options, loaded.device,
+                                  prob_paths)
     _write_image(labels, output)
     info = _prediction_json(loaded, scan, output, tasks, canonical, options, precision, meta, prob_paths)
     atomic_write_json(output.with_name(f"{stem}_labels.json"), info)
@@ -566,8 +655,9 @@ def _prediction_json(
         "modality_id": MODALITY_NAMES[modality],
         "input": scan.name,
         "model": {"file": loaded.path.name, "source": loaded.source},
-        "inference": {"roi": options.roi, "overlap": options.overlap, "blend": options.blend,
+        "inference": {"roi": list(options.roi), "overlap": options.overlap, "blend": options.blend,
                       "precision": precision, "device": str(loaded.device)},
+        "plans": (loaded.plans or Plans()).to_dict(),
         "preprocessing": {
             "target_spacing_xyz": list(options.spacing),
             "orientation_from": meta["orientation_applied"]["from"],
@@ -595,14 +685,33 @@ class ScanResult:
         return self.error is None
 
 
-def _spacing(value: float | Sequence[float]) -> tuple[float, float, float]:
+def _three(value: float | Sequence[float], flag: str, kind: type) -> tuple:
     values = [value] if isinstance(value, int | float) else list(value)
     if len(values) == 1:
         values = values * 3
     try:
-        return tuple(float(v) for v in values)  # type: ignore[return-value]
+        return tuple(kind(v) for v in values)
     except (TypeError, ValueError):
-        raise ValueError(f"--spacing must be 1 or 3 positive numbers (mm), got {value!r}") from None
+        raise ValueError(f"{flag} must be 1 or 3 positive numbers, got {value!r}") from None
+
+
+def _options_for(loaded: LoadedModel, roi: int | Sequence[int] | None, spacing: float | Sequence[float] | None,
+                 **settings: Any) -> InferenceOptions:
+    """The model's plan (spacing, window = patch size) unless a flag says otherwise, which is logged."""
+    plans = loaded.plans or Plans()
+    source = "the model's plan" if loaded.plans is not None else "the recipe (the model carries no plan)"
+    chosen = {"spacing": plans.target_spacing, "roi": plans.patch_size}
+    given = {"spacing": None if spacing is None else _three(spacing, "--spacing", float),
+             "roi": None if roi is None else _three(roi, "--roi", int)}
+    for name, value in given.items():
+        if value is not None and tuple(value) != tuple(chosen[name]):
+            logger.warning("--%s %s differs from %s (%s): the model was trained with the latter", name,
+                           "x".join(f"{v:g}" for v in value), source, "x".join(f"{v:g}" for v in chosen[name]))
+        if value is not None:
+            chosen[name] = value
+    logger.info("preprocessing: %s mm, %s windows (%s)", "x".join(f"{v:g}" for v in chosen["spacing"]),
+                "x".join(str(v) for v in chosen["roi"]), source)
+    return InferenceOptions(roi=chosen["roi"], spacing=chosen["spacing"], **settings)
 
 
 def _run_one(loaded: LoadedModel, scan: Path, out: Path, tasks: TaskSelection, modality: str,
@@ -638,9 +747,9 @@ def predict(
     blend: str = "constant",
     probabilities: bool = False,
     device: str = "auto",
-    roi: int = 128,
-    spacing: float | Sequence[float] = DEFAULT_SPACING,
-    sw_batch_size: int = 1,
+    roi: int | Sequence[int] | None = None,
+    spacing: float | Sequence[float] | None = None,
+    sw_batch_size: int = DEFAULT_SW_BATCH,
     catalog: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> list[ScanResult]:
@@ -651,11 +760,12 @@ def predict(
         input: an image file, a DICOM-series folder, or a folder of such.
         output: a label-map file name (one scan) or a folder.
         modality: modality name of the scans (``hermes_model.catalog.MODALITY_NAMES``).
-        tasks: ``--tasks`` entries (comma-separated string or list); None = every task of the bank.
-        overlap, blend, roi, sw_batch_size: sliding-window settings.
+        tasks: ``--tasks`` entries (comma-separated string or list); None = :func:`default_task_keys`.
+        overlap, blend, sw_batch_size: sliding-window settings.
+        roi: window size (x, y, z) or one number; None = the model's plan's patch size.
         probabilities: also write each task's probability map.
         device: ``auto``, ``cpu`` or ``cuda``.
-        spacing: mm the scans are resampled to: one number or (x, y, z).
+        spacing: mm the scans are resampled to: one number or (x, y, z); None = the model's plan's.
         catalog: catalog yaml overriding the checkpoint's.
         progress: progress bars.
 
@@ -667,15 +777,15 @@ def predict(
             bank, a modality it has no prior for, or an input without scans (one line each).
     """
     canonical = canonical_modality(modality)
-    options = InferenceOptions(roi=roi, overlap=overlap, blend=blend, spacing=_spacing(spacing),
-                               sw_batch_size=sw_batch_size, probabilities=probabilities, progress=progress)
     scans, batch = find_scans(input)
     outputs = _output_paths(scans, batch, Path(output))
     loaded = load_model(model, resolve_device(device), catalog)
-    selection = resolve_tasks(tasks, loaded)
+    options = _options_for(loaded, roi=roi, overlap=overlap, blend=blend, spacing=spacing,
+                           sw_batch_size=sw_batch_size, probabilities=probabilities, progress=progress)
+    selection = resolve_tasks(tasks, loaded, canonical)
     resolve_modality(canonical, loaded)
-    logger.info("segmenting %d scan(s), %d task(s), modality %s, on %s", len(scans), len(selection.keys),
-                canonical, loaded.device)
+    logger.info("segmenting %d scan(s), modality %s, on %s; label values: %s", len(scans), canonical,
+                loaded.device, ", ".join(f"{v} = {k}" for v, k in zip(selection.values, selection.keys, strict=True)))
     window_bars = options.progress and not batch
     one_options = dataclasses.replace(options, progress=window_bars)
     results: list[ScanResult] = []
@@ -705,6 +815,16 @@ def _spacing_arg(text: str) -> list[float]:
     return values
 
 
+def _roi_arg(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or not all(v > 0 and v % ROI_DIVISOR == 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be 1 or 3 positive multiples of {ROI_DIVISOR} (x,y,z), got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hermes-predict`` argument parser."""
     p = argparse.ArgumentParser(
@@ -717,16 +837,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", required=True, type=_modality_arg,
                    help=f"modality of the scans: one of {list(MODALITY_NAMES)}")
     p.add_argument("--tasks", action="append", default=None,
-                   help="comma-separated datasets and '<dataset>/<class>' keys (repeatable); default: every "
-                        "task of the model's bank")
+                   help="comma-separated datasets and '<dataset>/<class>' keys (repeatable); default: the "
+                        "tasks the model was trained on with this modality (all trained tasks when none was)")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     p.add_argument("--blend", choices=MODES, default="constant", help="window blending (default constant)")
     p.add_argument("--probabilities", action="store_true", help="also write each task's probability map")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default auto (a GPU when present)")
-    p.add_argument("--roi", type=int, default=128, help="window size in voxels, multiple of 16 (default 128)")
-    p.add_argument("--spacing", type=_spacing_arg, default=[DEFAULT_SPACING],
-                   help="resampling spacing in mm, one number or x,y,z (default 1.5, as in training)")
-    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--roi", type=_roi_arg, default=None,
+                   help="window size in voxels, one number or x,y,z, multiples of 16 (default: the model's "
+                        "patch size, from its plan)")
+    p.add_argument("--spacing", type=_spacing_arg, default=None,
+                   help="resampling spacing in mm, one number or x,y,z (default: the model's plan)")
+    p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH,
+                   help=f"windows per forward pass (default {DEFAULT_SW_BATCH})")
     p.add_argument("--catalog", default=None, help="task catalog yaml (default: the checkpoint's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -1,6 +1,6 @@
 """Preprocessing of a site's raw scans into training arrays, with SimpleITK (spec section 5, done properly).
 
-Per case:
+The settings come from the federation's plan (:class:`hermes_model.plans.Plans`); per case:
 
 1. Read the image and the label: NIfTI / NRRD / MHA files, or a folder holding one DICOM series
    (``ImageSeriesReader``; slices must be evenly spaced). NIfTI files are checked to hold all the voxel
@@ -9,20 +9,24 @@ Per case:
    registered for it (CHAOS PNG slices, see :mod:`client.converters`).
 2. Label values: every value must be 0 or one of the dataset's ``classes``; values listed in
    ``ignore_values`` become background; anything else fails the case and lists the values found.
-3. Label geometry: when size, spacing, origin or direction differ from the image's (beyond a small
-   tolerance), the label is resampled onto the image grid in physical space with nearest neighbour,
-   provided their physical extents overlap; otherwise the case fails with both extents in the reason.
+3. Label geometry: size, spacing, origin and direction must equal the image's (within a small
+   tolerance), else the case fails with both geometries in the reason (a label of another patient is
+   the usual cause). A dataset with ``resample_label: true`` instead resamples the label onto the image
+   grid in physical space with nearest neighbour, provided their physical extents overlap.
 4. Re-orient to **LPS** (``sitk.DICOMOrient``), i.e. ITK's identity direction: the x, y, z voxel axes run
    towards patient left, posterior and superior. The numpy arrays are therefore (Z, Y, X) = (S, P, L).
 5. Resample to ``target_spacing`` on an identity-direction grid that keeps the physical centre of the
    image (its extent divided by the spacing, rounded); B-spline or linear for the image, nearest for the
    label. An oblique image is resampled onto the axis-aligned grid that covers it.
-6. Crop to the labelled foreground bounding box plus ``margin`` voxels (the whole image when unlabelled
-   or all background).
-7. Intensity: CT clipped to [-991, 500] HU; MR and PET clipped to the 2nd..98th percentile of the cropped
-   image; then z-scored with the mean/std of the clipped cropped image.
-8. Pad every axis symmetrically to at least ``min_size`` (image: the minimum after normalisation,
-   label: 0).
+6. Intensity, on the whole resampled image: the modality's scheme of the plan (CT clipped to
+   [-991, 500] HU; MR and PET clipped to their 2nd..98th percentile), then z-scored with the clipped
+   image's mean/std.
+7. Crop: a training case to its labelled foreground bounding box plus ``margin`` voxels; a validation or
+   test case, an unlabelled case and every scan of ``hermes-predict`` to the box of voxels above the
+   image's minimum (:data:`hermes_model.plans.EVAL_CROP`: from the image alone, so no label information
+   reaches evaluation). Normalising before cropping makes every crop a sub-array of the same volume.
+8. Pad every axis symmetrically to at least ``min_size`` (the plan's patch size; image: the minimum
+   after normalisation, label: 0).
 
 Outputs under ``<work_dir>/preprocessed/<dataset>/`` (each written atomically, the JSON last, so a case
 is complete exactly when its JSON carries the current hashes):
@@ -32,7 +36,8 @@ is complete exactly when its JSON carries the current hashes):
   labelled cases;
 - ``<case>.json``: original and resampled geometry, crop box and padding, intensity parameters, hashes:
   everything :func:`restore_to_original` needs to put a prediction back on the original image grid;
-- ``dataset.json``: cases, splits, classes, modality, intensity fingerprint (written by the runner).
+- ``dataset.json``: cases, splits, classes, modality, intensity fingerprint, the plan's preprocessing
+  settings (written by the runner).
 
 Array-index quantities in the JSON carry a ``_zyx`` suffix (numpy order); physical ones (size, spacing,
 origin) a ``_xyz`` suffix (SimpleITK order).
@@ -40,6 +45,7 @@ origin) a ``_xyz`` suffix (SimpleITK order).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -64,9 +70,9 @@ from client.config import DatasetConfig, SiteConfig, SplitSpec
 from client.formats import LABEL_READERS, CaseSpec, expand_split_lists
 from hermes_model.catalog import Catalog, modality_id
 from hermes_model.fileio import atomic_save_npy, atomic_write_json
+from hermes_model.plans import EVAL_CROP, ORIENTATION, TRAIN_CROP, IntensityScheme, Plans, recipe_intensity
 
 __all__ = [
-    "CT_CLIP",
     "ORIENTATION",
     "PREPROCESS_VERSION",
     "CaseError",
@@ -84,10 +90,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1
-ORIENTATION = "LPS"
-CT_CLIP = (-991.0, 500.0)
-PERCENTILE_CLIP = (2.0, 98.0)
+PREPROCESS_VERSION = 2  # 2: intensity statistics of the whole resampled image, crop rule per split
+CROPS = (TRAIN_CROP, EVAL_CROP)
 FINGERPRINT_PERCENTILES = (0.5, 2.0, 50.0, 98.0, 99.5)
 # image/label geometry is "the same" within these tolerances (origin: fraction of a voxel)
 SPACING_RTOL, ORIGIN_VOXEL_TOL, DIRECTION_ATOL = 1e-3, 1e-2, 1e-3
@@ -108,9 +112,12 @@ class PreprocessSettings:
         classes: label values of the classes (sorted).
         ignore_values: label values mapped to background.
         target_spacing: (x, y, z) mm.
-        margin: voxels kept around the foreground box.
+        margin: voxels kept around the foreground box (``crop="label-box"``).
         min_size: (x, y, z) voxels every output axis is padded to.
         interpolation: ``"bspline"`` or ``"linear"`` for the image.
+        crop: ``"label-box"`` (training cases) or ``"above-minimum"`` (evaluation, inference: no label used).
+        intensity: the modality's intensity scheme (None: the recipe's for ``modality``).
+        resample_label: resample a label whose grid differs from the image's instead of failing the case.
     """
 
     modality: str
@@ -120,22 +127,43 @@ class PreprocessSettings:
     margin: int = 20
     min_size: tuple[int, int, int] = (128, 128, 128)
     interpolation: str = "bspline"
+    crop: str = TRAIN_CROP
+    intensity: IntensityScheme | None = None
+    resample_label: bool = False
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {list(CROPS)}, got {self.crop!r}")
+        if self.intensity is None:
+            object.__setattr__(self, "intensity", recipe_intensity()[self.modality])
 
     @classmethod
-    def from_config(cls, site: SiteConfig, dataset: DatasetConfig, catalog: Catalog) -> PreprocessSettings:
-        """The settings of ``dataset`` at ``site``."""
+    def from_plans(cls, plans: Plans, dataset: DatasetConfig | None, catalog: Catalog | None,
+                   crop: str = TRAIN_CROP, modality: str | None = None) -> PreprocessSettings:
+        """The settings of ``dataset`` (None: an unlabelled scan of ``modality``) under ``plans``.
+
+        Raises:
+            ValueError: the plan has no intensity scheme for the modality.
+        """
+        modality = dataset.modality if dataset is not None else modality
+        assert modality is not None
         return cls(
-            modality=dataset.modality,
-            classes=tuple(sorted(dataset.resolved_classes(catalog))),
-            ignore_values=tuple(sorted(set(dataset.ignore_values))),
-            target_spacing=tuple(float(s) for s in site.target_spacing),
-            margin=int(site.margin),
-            min_size=tuple(int(s) for s in site.min_size),
-            interpolation=site.interpolation,
+            modality=modality,
+            classes=tuple(sorted(dataset.resolved_classes(catalog))) if dataset is not None else (),
+            ignore_values=tuple(sorted(set(dataset.ignore_values))) if dataset is not None else (),
+            target_spacing=plans.target_spacing,
+            margin=plans.train_margin,
+            min_size=plans.patch_size,
+            interpolation=plans.interpolation,
+            crop=crop,
+            intensity=plans.scheme(modality),
+            resample_label=bool(dataset.resample_label) if dataset is not None else False,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "version": PREPROCESS_VERSION, "orientation": ORIENTATION}
+        out = {**asdict(self), "version": PREPROCESS_VERSION, "orientation": ORIENTATION}
+        out["intensity"] = self.intensity.to_dict() if self.intensity is not None else None
+        return out
 
     def digest(self) -> str:
         """SHA-256 of the settings and the preprocessing version."""
@@ -348,17 +376,34 @@ def physical_extent(image: sitk.Image) -> np.ndarray:
     return np.stack([pts.min(axis=0), pts.max(axis=0)], axis=1)
 
 
-def align_label(label: sitk.Image, image: sitk.Image) -> tuple[sitk.Image, bool]:
+def describe_grid(image: sitk.Image) -> str:
+    """``size [x, y, z], spacing [...] mm, origin [...] mm, direction [...]`` rounded for messages."""
+    return (f"size {list(image.GetSize())}, spacing {np.round(image.GetSpacing(), 3).tolist()} mm, origin "
+            f"{np.round(image.GetOrigin(), 2).tolist()} mm, direction {np.round(image.GetDirection(), 3).tolist()}")
+
+
+def align_label(label: sitk.Image, image: sitk.Image, resample: bool = False) -> tuple[sitk.Image, bool]:
     """The label on the image's voxel grid: ``(label, resampled)``.
 
-    Within tolerance the image geometry is copied; otherwise the label is resampled in physical space with
-    nearest neighbour. Raises :class:`CaseError` when their physical extents do not overlap or the label's
-    foreground falls outside the image.
+    Within tolerance the image geometry is copied. A label stored in another axis order or direction over
+    the very same voxels (the same grid once both are re-oriented to LPS) is resampled onto the image grid,
+    which is exact. Otherwise, unless ``resample``, the case fails with both geometries (an image and a
+    label of different grids are most often two different scans); with ``resample`` the label is
+    resampled in physical space with nearest neighbour. Raises
+    :class:`CaseError` when their physical extents do not overlap or the label's foreground falls outside
+    the image.
     """
     if _same_grid(label, image):
         out = sitk.Image(label)
         out.CopyInformation(image)
         return out, False
+    same_voxels = _same_grid(sitk.DICOMOrient(label, ORIENTATION), sitk.DICOMOrient(image, ORIENTATION))
+    if not (resample or same_voxels):
+        raise CaseError(
+            f"the label's geometry differs from the image's (image: {describe_grid(image)}; label: "
+            f"{describe_grid(label)}): is it the label of another scan? If the label must be resampled onto "
+            "the image, set 'resample_label: true' for this dataset"
+        )
     box_i, box_l = physical_extent(image), physical_extent(label)
     overlap = np.minimum(box_i[:, 1], box_l[:, 1]) - np.maximum(box_i[:, 0], box_l[:, 0])
     if np.any(overlap <= 0):
@@ -444,26 +489,34 @@ def foreground_box(label_zyx: np.ndarray, margin: int) -> list[list[int]] | None
 
 
 # ------------------------------------------------------------------------------------------------ intensity
-def normalise_intensity(image_zyx: np.ndarray, modality: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Clip (CT: [-991, 500] HU; MR/PET: 2nd..98th percentile) then z-score.
+def normalise_intensity(image_zyx: np.ndarray, scheme: IntensityScheme | str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Clip by ``scheme`` (a fixed window, e.g. CT [-991, 500] HU; or percentiles of the image, e.g. MR/PET
+    2nd..98th), then z-score with the clipped image's mean and std.
 
     Args:
-        image_zyx: float32 array (Z, Y, X).
-        modality: canonical modality name.
+        image_zyx: float32 array (Z, Y, X), the whole resampled image.
+        scheme: an :class:`~hermes_model.plans.IntensityScheme`, or a modality name (the recipe's scheme).
 
     Returns:
         The float32 normalised array (same shape) and ``{"scheme", "clip", "mean", "std"}``.
     """
-    if modality == "CT":
-        scheme, (lo, hi) = "ct", CT_CLIP
+    if isinstance(scheme, str):
+        scheme = recipe_intensity()[scheme]
+    if scheme.kind == "window":
+        lo, hi = scheme.low, scheme.high
     else:
-        scheme = "percentile"
-        lo, hi = (float(v) for v in np.percentile(image_zyx, PERCENTILE_CLIP))
+        lo, hi = (float(v) for v in np.percentile(image_zyx, (scheme.low, scheme.high)))
     clipped = np.clip(image_zyx, lo, hi)
     mean, std = float(clipped.mean(dtype=np.float64)), float(clipped.std(dtype=np.float64))
     std_used = std if std > 1e-8 else 1.0
     out = ((clipped - mean) / std_used).astype(np.float32)
-    return out, {"scheme": scheme, "clip": [float(lo), float(hi)], "mean": mean, "std": std_used}
+    return out, {"scheme": scheme.kind, "clip": [float(lo), float(hi)], "mean": mean, "std": std_used}
+
+
+def above_minimum_box(image_zyx: np.ndarray) -> list[list[int]]:
+    """Half-open box of the voxels above the image's minimum (the whole image when it is constant)."""
+    box = foreground_box((image_zyx > image_zyx.min()).astype(np.int8), 0)
+    return box or [[0, n] for n in image_zyx.shape]
 
 
 def _foreground_stats(image_zyx: np.ndarray, label_zyx: np.ndarray | None) -> dict[str, Any] | None:
@@ -563,7 +616,7 @@ def _read_case(case: CaseSpec, settings: PreprocessSettings) -> tuple[sitk.Image
     label, label_resampled = None, False
     if case.label is not None:
         label = map_label_values(read_label(case, image), settings.classes, settings.ignore_values)
-        label, label_resampled = align_label(label, image)
+        label, label_resampled = align_label(label, image, settings.resample_label)
         if label_resampled:
             warnings.append("label geometry differs from the image: label resampled onto the image grid")
     info = {"original": original, "label_resampled_onto_image": label_resampled, "warnings": warnings,
@@ -592,25 +645,35 @@ def _reorient_and_resample(
     return image_zyx, label_zyx, grid
 
 
-def _crop_normalise_pad(
+def _crop_box(image_zyx: np.ndarray, label_zyx: np.ndarray | None, settings: PreprocessSettings,
+              warnings: list[str]) -> list[list[int]]:
+    """The crop of ``settings.crop``: the labelled box + margin (training; an unlabelled or empty label
+    falls back to the image rule), or the box of voxels above the image's minimum."""
+    if settings.crop == TRAIN_CROP and label_zyx is not None:
+        box = foreground_box(label_zyx, settings.margin)
+        if box is not None:
+            return box
+        warnings.append("label is all background")
+    return above_minimum_box(image_zyx)
+
+
+def _normalise_crop_pad(
     image_zyx: np.ndarray, label_zyx: np.ndarray | None, settings: PreprocessSettings, warnings: list[str]
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Crop to the foreground box + margin, clip and z-score, pad to ``min_size``; returns the parameters."""
-    box = foreground_box(label_zyx, settings.margin) if label_zyx is not None else None
-    if label_zyx is not None and box is None:
-        warnings.append("label is all background")
-    box = box or [[0, n] for n in image_zyx.shape]
+    """Normalise the whole image, crop (``settings.crop``), pad to ``min_size``; returns the parameters."""
+    box = _crop_box(image_zyx, label_zyx, settings, warnings)
+    foreground = _foreground_stats(image_zyx, label_zyx)
+    image_zyx, intensity = normalise_intensity(image_zyx, settings.intensity)
+    pad_value = float(image_zyx.min())
     crop = tuple(slice(a, b) for a, b in box)
     image_zyx = image_zyx[crop]
     label_zyx = label_zyx[crop] if label_zyx is not None else None
-    foreground = _foreground_stats(image_zyx, label_zyx)
-    image_zyx, intensity = normalise_intensity(image_zyx, settings.modality)
-    pad_value = float(image_zyx.min())
     min_zyx = tuple(reversed(settings.min_size))
     image_zyx, pad = pad_to_min_size(image_zyx, min_zyx, pad_value)
     if label_zyx is not None:
         label_zyx, _ = pad_to_min_size(label_zyx, min_zyx, 0)
     params = {
+        "crop_rule": settings.crop,
         "crop_zyx": box,
         "pad_zyx": pad,
         "shape_zyx": list(image_zyx.shape),
@@ -625,7 +688,7 @@ def _run_pipeline(case: CaseSpec, settings: PreprocessSettings) -> tuple[np.ndar
     """The preprocessing of one case: ``(image (Z,Y,X) float32, label (Z,Y,X) int8 or None, metadata)``."""
     image, label, info = _read_case(case, settings)
     image_zyx, label_zyx, grid = _reorient_and_resample(image, label, settings, info["minimum"])
-    image_zyx, label_zyx, params = _crop_normalise_pad(image_zyx, label_zyx, settings, info["warnings"])
+    image_zyx, label_zyx, params = _normalise_crop_pad(image_zyx, label_zyx, settings, info["warnings"])
     meta = {
         "original": info["original"],
         "label_resampled_onto_image": info["label_resampled_onto_image"],
@@ -639,14 +702,16 @@ def _run_pipeline(case: CaseSpec, settings: PreprocessSettings) -> tuple[np.ndar
 
 
 def preprocess_image(image: str | Path, settings: PreprocessSettings) -> tuple[np.ndarray, dict[str, Any]]:
-    """Preprocess one unlabelled image for inference, with the very code of training (no label, no crop).
+    """Preprocess one unlabelled image for inference, with the very code of evaluation (no label).
 
-    Steps 1, 4, 5, 7 and 8 of the module docstring on the whole image: read, re-orient to LPS, resample to
-    ``settings.target_spacing``, clip and z-score by ``settings.modality``, pad to ``settings.min_size``.
+    Steps 1 and 4-8 of the module docstring: read, re-orient to LPS, resample to
+    ``settings.target_spacing``, normalise by ``settings.intensity``, crop to the voxels above the image's
+    minimum, pad to ``settings.min_size``.
 
     Args:
         image: an image file or a DICOM-series folder.
-        settings: the preprocessing settings (``classes``, ``ignore_values`` and ``margin`` are unused).
+        settings: the preprocessing settings (``classes``, ``ignore_values`` and ``margin`` are unused;
+            ``crop`` is taken as ``"above-minimum"``).
 
     Returns:
         ``(image_zyx, meta)``: the float32 array (Z, Y, X) and the metadata that
@@ -656,6 +721,7 @@ def preprocess_image(image: str | Path, settings: PreprocessSettings) -> tuple[n
         CaseError: the image cannot be read or holds non-finite values.
     """
     path = Path(image)
+    settings = dataclasses.replace(settings, crop=EVAL_CROP)
     image_zyx, _, meta = _run_pipeline(CaseSpec(path.name, path, None), settings)
     return image_zyx, meta
 
@@ -779,6 +845,7 @@ class Report:
 
     outcomes: list[CaseOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def _with(self, status: str) -> list[CaseOutcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -806,6 +873,7 @@ class Report:
             "counts": {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)},
             "seconds": round(self.seconds, 3),
             "failed": [{"dataset": o.dataset, "case": o.case_id, "reason": o.reason} for o in self.failed],
+            "warnings": list(self.warnings),
             "cases": [asdict(o) for o in self.outcomes],
         }
 
@@ -817,6 +885,7 @@ class Report:
         ]
         lines += [f"  FAILED {o.dataset}/{o.case_id}: {o.reason}" for o in self.failed]
         lines += [f"  warning {o.dataset}/{o.case_id}: {w}" for o in self.outcomes for w in o.warnings]
+        lines += [f"  warning {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -927,57 +996,91 @@ def _aggregate_fingerprint(metas: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def write_dataset_json(site: SiteConfig, dataset: DatasetConfig, catalog: Catalog,
-                       outcomes: Sequence[CaseOutcome]) -> Path:
-    """Write ``<work_dir>/preprocessed/<dataset>/dataset.json`` for the cases done or up to date."""
+                       outcomes: Sequence[CaseOutcome], plans: Plans) -> tuple[Path, list[str]]:
+    """Write ``<work_dir>/preprocessed/<dataset>/dataset.json`` for the cases done or up to date.
+
+    Returns:
+        The path and the dataset-level warnings (a declared class that occurs in no case).
+    """
     out_dir = site.preprocessed_dir / dataset.name
     present = {o.case_id for o in outcomes if o.status in ("done", "skipped")}
     cases = [c for c in dataset.cases() if c.case_id in present]
     metas = [json.loads((out_dir / f"{c.case_id}.json").read_text()) for c in cases]
-    catalog_split = catalog.dataset(dataset.name).split if dataset.name in catalog else None
-    splits = compute_splits(dataset.cases(), dataset.split, catalog_split)
+    splits = dataset_splits(dataset, catalog)
     splits = {k: [i for i in v if i in present] for k, v in splits.items()}
     weight, aug = dataset.resolved_weights(catalog)
+    classes = dataset.resolved_classes(catalog)
     body = {
         "dataset": dataset.name,
         "site": site.site,
         "modality": dataset.modality,
         "modality_id": modality_id(dataset.modality),
-        "classes": {str(k): v for k, v in sorted(dataset.resolved_classes(catalog).items())},
+        "classes": {str(k): v for k, v in sorted(classes.items())},
         "cases": [c.case_id for c in cases],
         "labelled": {c.case_id: bool(m["labelled"]) for c, m in zip(cases, metas, strict=True)},
         "splits": splits,
         "fingerprint": _aggregate_fingerprint(metas),
-        "target_spacing": list(site.target_spacing),
+        "target_spacing": list(plans.target_spacing),
+        "plans": plans.preprocessing(dataset.modality),
         "sample_weight": weight,
         "intensity_aug_prob": aug,
         "version": PREPROCESS_VERSION,
     }
-    return atomic_write_json(out_dir / "dataset.json", body)
+    seen = {int(v) for m in metas for v in m.get("label_values", [])}
+    labelled = sum(1 for m in metas if m["labelled"])
+    warnings = [
+        f"{dataset.name}: class {value} ({name!r}) occurs in none of its {labelled} labelled case(s): are the "
+        "declared classes those of this dataset's labels?"
+        for value, name in sorted(classes.items()) if labelled and value not in seen
+    ]
+    return atomic_write_json(out_dir / "dataset.json", body), warnings
 
 
-def preprocess_site(config: SiteConfig, workers: int = 1, progress: bool = True,
+def dataset_splits(dataset: DatasetConfig, catalog: Catalog) -> dict[str, list[str]]:
+    """The train/val/test case ids of ``dataset`` (:func:`compute_splits` with the catalog's lists)."""
+    entry = catalog.dataset(dataset.name) if dataset.name in catalog else None
+    catalog_split = {k: entry.cases(k) for k in entry.split} if entry is not None and dataset.split.catalog else None
+    return compute_splits(dataset.cases(), dataset.split, catalog_split)
+
+
+def _jobs(config: SiteConfig, plans: Plans, catalog: Catalog) -> list[_Job]:
+    """One job per case: training cases cropped around their label, the others by the image alone."""
+    jobs = []
+    for ds in config.datasets:
+        train = set(dataset_splits(ds, catalog)["train"])
+        settings = {crop: PreprocessSettings.from_plans(plans, ds, catalog, crop) for crop in CROPS}
+        out_dir = config.preprocessed_dir / ds.name
+        for case in ds.cases():
+            crop = TRAIN_CROP if case.case_id in train and case.label is not None else EVAL_CROP
+            jobs.append(_Job(ds.name, case, settings[crop], out_dir))
+    return jobs
+
+
+def preprocess_site(config: SiteConfig, plans: Plans | None = None, workers: int = 1, progress: bool = True,
                     catalog: Catalog | None = None) -> Report:
     """Preprocess every case of every dataset of a site; resumable, one bad case never stops the others.
 
     Args:
         config: the validated site config.
+        plans: the federation's plan (None: the recipe's, :class:`~hermes_model.plans.Plans`).
         workers: worker processes (1 runs in this process).
-        progress: show a progress bar (tqdm, on stderr).
+        progress: show a progress bar (tqdm, on stderr); without it, one log line per tenth of the cases.
         catalog: task catalog (default: the bundled one).
 
     Returns:
         The :class:`Report`, also written to ``<work_dir>/preprocessed/report.json``.
+
+    Raises:
+        ValueError: bad ``workers``, or a modality the plan has no intensity scheme for.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     catalog = catalog if catalog is not None else Catalog.load()
+    plans = plans if plans is not None else Plans()
     start = time.perf_counter()
-    jobs = []
-    for ds in config.datasets:
-        settings = PreprocessSettings.from_config(config, ds, catalog)
-        out_dir = config.preprocessed_dir / ds.name
-        jobs += [_Job(ds.name, case, settings, out_dir) for case in ds.cases()]
+    jobs = _jobs(config, plans, catalog)
     with tqdm(total=len(jobs), desc=f"preprocess {config.site}", unit="case", disable=not progress) as bar:
+        bar = bar if progress else _LogProgress(config.site, len(jobs))
         if workers == 1:
             outcomes = []
             for job in jobs:
@@ -985,13 +1088,29 @@ def preprocess_site(config: SiteConfig, workers: int = 1, progress: bool = True,
                 bar.update(1)
         else:
             outcomes = _run_parallel(jobs, min(workers, max(1, len(jobs))), bar)
-    for ds in config.datasets:
-        write_dataset_json(config, ds, catalog, [o for o in outcomes if o.dataset == ds.name])
     report = Report(outcomes, seconds=time.perf_counter() - start)
+    for ds in config.datasets:
+        _, warnings = write_dataset_json(config, ds, catalog, [o for o in outcomes if o.dataset == ds.name], plans)
+        report.warnings += warnings
     atomic_write_json(config.preprocessed_dir / "report.json", report.to_dict())
     for o in report.outcomes:
         for w in o.warnings:
             logger.warning("%s/%s: %s", o.dataset, o.case_id, w)
         if o.status == "failed":
             logger.error("%s/%s failed: %s", o.dataset, o.case_id, o.reason)
+    for w in report.warnings:
+        logger.warning("%s", w)
     return report
+
+
+class _LogProgress:
+    """Progress as log lines (every tenth of the cases), where no progress bar is shown."""
+
+    def __init__(self, site: str, total: int) -> None:
+        self.site, self.total, self.done = site, total, 0
+        self.every = max(1, total // 10)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done % self.every == 0 or self.done == self.total:
+            logger.info("site %s: preprocessed %d/%d case(s)", self.site, self.done, self.total)

@@ -2,20 +2,27 @@
 
 The ClientApp (:mod:`client.app`) only translates Flower records to and from the typed objects here:
 
-- :meth:`Site.describe` answers the server's query (dataset names, modality, classes, case counts);
-- :meth:`Site.train` loads the received backbone and prior rows over the site's own saved state, trains
-  ``local_iterations`` steps with the training engine (one device or DDP, :mod:`client.local_training`),
-  saves the engine (weights, optimiser moments, EMA) to the site's disk and returns the backbone, the
-  received prior rows and aggregate metrics;
-- :meth:`Site.evaluate` computes the sliding-window Dice per task of the received weights on the site's
-  validation split and returns aggregate numbers only.
+- :meth:`Site.describe` and :meth:`Site.fingerprint` answer the server's query (dataset names, modality,
+  classes, case counts; aggregate statistics of the training data, :mod:`client.fingerprint`);
+- :meth:`Site.train` preprocesses with the federation's plan when its data was made with another one, loads
+  the received backbone and prior rows over the site's own saved state, trains ``local_iterations``
+  steps with the training engine (one device or DDP, :mod:`client.local_training`), saves the engine
+  (weights, optimiser moments, EMA) to the site's disk and returns the backbone, the received prior rows
+  and aggregate metrics;
+- :meth:`Site.evaluate` segments every validation scan whole (no label-based crop) with the received
+  weights, through the code path of ``hermes-predict`` (:func:`client.predict.segment_preprocessed`),
+  and scores it against the original label at the scan's native geometry with the code of
+  ``hermes-evaluate`` (:func:`client.evaluate.evaluate_case`); it returns aggregate numbers only.
 
-What stays on the site's disk, under ``<work_dir>/client_state/``:
+What stays on the site's disk, under ``<work_dir>/client_state/<run key>/`` (one folder per run: a new
+run starts clean, a resumed run continues):
 
 - ``engine.pt``: the full engine state after the last training round (model, EMA, optimiser moments,
   schedule position, FedProx reference), written atomically; loaded before the received tensors are
   applied, so the rows the server does not send keep the site's own values;
 - ``history.jsonl``: one line per round with the site's local metrics (for the site's operator).
+
+and ``<work_dir>/plans.json``: the last plan received (``hermes-client preprocess`` uses it).
 
 Nothing returned by this class names a case, a file or a path: only dataset and class names and numbers.
 """
@@ -26,6 +33,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,24 +45,28 @@ import torch
 from torch import nn
 
 from client.config import DatasetConfig, SiteConfig, load_site_config
-from client.dataset import PreprocessedDataset, ValidationCases
+from client.dataset import PreprocessedDataset
+from client.formats import CaseSpec
 from client.local_training import LocalResult, TrainData, resolve_devices, train_local
 from hermes_model import build_model
-from hermes_model.catalog import Catalog
+from hermes_model.catalog import Catalog, modality_id
 from hermes_model.engine import EngineConfig, TrainEngine
 from hermes_model.exchange import NUM_EXAMPLES, REPLY_CODECS, WIRE_DTYPES, StateLayout, to_wire
-from hermes_model.inference import predict_volume, threshold
-from hermes_model.metrics import dice_per_task
+from hermes_model.fileio import atomic_write_json
+from hermes_model.fingerprint import DatasetFingerprint
+from hermes_model.plans import Plans
 
 __all__ = ["DatasetSummary", "ProtocolError", "RoundRequest", "Site", "TrainReply"]
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "client_state"
+PLANS_FILE = "plans.json"  # the last plan received from a federation (hermes-client preprocess uses it)
+_RUN_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 ENGINE_FILE = "engine.pt"
 HISTORY_FILE = "history.jsonl"
 EVAL_OVERLAP = 0.5
-EVAL_THRESHOLD = 0.5
+EVAL_METRICS = ("dice", "dice_paper")  # per-round evaluation: HD95 and surface Dice cost more (hermes-evaluate)
 # optimiser settings taken from the round's config when the saved moments are loaded (counters are kept)
 HYPER_PARAMETERS = ("lr", "weight_decay", "betas", "eps", "momentum")
 # EngineConfig keys the server may set; the site fixes precision and memory layout for its hardware
@@ -116,6 +128,9 @@ class RoundRequest:
         wire_dtype: ``"float32"`` or ``"float16"`` for the reply's arrays.
         reply_codec: ``"xor-zstd"`` (code the reply against the request, losslessly) or ``"none"``.
         proximal_mu: FedProx coefficient (0 = plain FedAvg).
+        plans: the federation's plan (preprocessing and patch size).
+        run_key: the server's name of the run; the site keeps its local state under it, so a new run
+            starts clean and a resumed one continues.
     """
 
     server_round: int
@@ -133,6 +148,8 @@ class RoundRequest:
     wire_dtype: str = "float32"
     reply_codec: str = "none"
     proximal_mu: float = 0.0
+    plans: Plans = field(default_factory=Plans)
+    run_key: str = "default"
 
     def __post_init__(self) -> None:
         _int(self.server_round, "server-round", 1)
@@ -155,6 +172,8 @@ class RoundRequest:
             for k, v in self.task_map.items()
         ):
             raise ProtocolError("task-map must map '<dataset>/<class>' strings to int task ids")
+        if not isinstance(self.run_key, str) or not _RUN_KEY.match(self.run_key):
+            raise ProtocolError(f"run-key must be letters, digits, '_', '-' or '.', got {self.run_key!r}")
         unknown = sorted(set(self.engine) - SERVER_ENGINE_KEYS)
         if unknown:
             raise ProtocolError(
@@ -218,14 +237,12 @@ class Site:
     def name(self) -> str:
         return self.config.site
 
-    @property
-    def state_dir(self) -> Path:
-        """``<work_dir>/client_state``: the site's own training state."""
-        return self.config.work_dir / STATE_DIR
+    def state_dir(self, run_key: str) -> Path:
+        """``<work_dir>/client_state/<run_key>``: the site's own training state in one run."""
+        return self.config.work_dir / STATE_DIR / run_key
 
-    @property
-    def engine_path(self) -> Path:
-        return self.state_dir / ENGINE_FILE
+    def engine_path(self, run_key: str) -> Path:
+        return self.state_dir(run_key) / ENGINE_FILE
 
     @property
     def primary_device(self) -> torch.device:
@@ -235,19 +252,31 @@ class Site:
     def _dataset_json(self, ds: DatasetConfig) -> Path:
         return self.config.preprocessed_dir / ds.name / "dataset.json"
 
-    def ensure_preprocessed(self) -> bool:
-        """Preprocess the site's data when a dataset has no preprocessed output yet; True if it ran."""
-        missing = [ds.name for ds in self.config.datasets if not self._dataset_json(ds).is_file()]
-        if not missing:
+    def _plans_match(self, ds: DatasetConfig, plans: Plans) -> bool:
+        path = self._dataset_json(ds)
+        if not path.is_file():
+            return False
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return meta.get("plans") == json.loads(json.dumps(plans.preprocessing(ds.modality)))
+
+    def ensure_preprocessed(self, plans: Plans) -> bool:
+        """Preprocess the site's data with ``plans`` unless every dataset was made with it; True if it ran.
+
+        Preprocessing is resumable: cases whose settings did not change are kept.
+        """
+        stale = [ds.name for ds in self.config.datasets if not self._plans_match(ds, plans)]
+        if not stale:
             return False
         from client.preprocess import preprocess_site  # SimpleITK only when needed
 
-        logger.info("site %s: preprocessing (no preprocessed data for %s)", self.name, missing)
+        atomic_write_json(self.config.work_dir / PLANS_FILE, plans.to_dict())
+        logger.info("site %s: preprocessing %s with the federation's plan (%s)", self.name, stale,
+                    plans.describe())
         report = preprocess_site(
-            self.config, workers=self.preprocess_workers, progress=False, catalog=self.catalog
+            self.config, plans, workers=self.preprocess_workers, progress=False, catalog=self.catalog
         )
         logger.info("site %s: %s", self.name, report.summary())
-        still = [ds.name for ds in self.config.datasets if not self._dataset_json(ds).is_file()]
+        still = [ds.name for ds in self.config.datasets if not self._plans_match(ds, plans)]
         if still:
             raise RuntimeError(f"site {self.name}: preprocessing produced no data for {still}")
         return True
@@ -256,25 +285,23 @@ class Site:
         return ds.resolved_classes(self.catalog)
 
     def _num_train_cases(self, ds: DatasetConfig) -> int:
-        path = self._dataset_json(ds)
-        if path.is_file():
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            labelled = meta.get("labelled") or {}
-            return sum(1 for c in meta["splits"]["train"] if labelled.get(c, True))
-        from client.preprocess import compute_splits
+        from client.preprocess import dataset_splits
 
-        entry = self.catalog.dataset(ds.name) if ds.name in self.catalog else None
-        cases = ds.cases()
-        train = set(compute_splits(cases, ds.split, entry.split if entry else None)["train"])
-        return sum(1 for c in cases if c.case_id in train and c.label is not None)
+        train = set(dataset_splits(ds, self.catalog)["train"])
+        return sum(1 for c in ds.cases() if c.case_id in train and c.label is not None)
 
     def describe(self) -> list[DatasetSummary]:
-        """The query answer: per dataset its name, modality, classes and number of labelled training cases
-        (from the preprocessed data when present, else from the config's split)."""
+        """The query answer: per dataset its name, modality, classes and number of labelled training cases."""
         return [
             DatasetSummary(ds.name, ds.modality, self._classes(ds), self._num_train_cases(ds))
             for ds in self.config.datasets
         ]
+
+    def fingerprint(self) -> list[DatasetFingerprint]:
+        """Aggregate statistics of the site's training data (cached on disk): the planning exchange."""
+        from client.fingerprint import site_fingerprint  # SimpleITK only when needed
+
+        return site_fingerprint(self.config, self.catalog)
 
     def task_ids(self, task_map: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         """Dataset name -> task id per class (ascending label value), looked up in ``task_map``."""
@@ -287,9 +314,9 @@ class Site:
             out[ds.name] = tuple(int(task_map[k]) for k in keys)
         return out
 
-    def open_datasets(self, task_map: Mapping[str, int], split: str) -> list[PreprocessedDataset]:
+    def open_datasets(self, task_map: Mapping[str, int], split: str, plans: Plans) -> list[PreprocessedDataset]:
         """The site's preprocessed datasets restricted to ``split`` (preprocessing first if needed)."""
-        self.ensure_preprocessed()
+        self.ensure_preprocessed(plans)
         ids = self.task_ids(task_map)
         out = []
         for ds in self.config.datasets:
@@ -323,15 +350,16 @@ class Site:
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"engine {request.engine!r} is not a valid engine config: {exc}") from None
 
-    def _restore_local_state(self, engine: TrainEngine) -> bool:
-        """Load ``engine.pt`` into ``engine`` (model, EMA, optimiser moments) when it fits the model.
+    def _restore_local_state(self, engine: TrainEngine, run_key: str) -> bool:
+        """Load this run's ``engine.pt`` into ``engine`` (model, EMA, optimiser moments) when it fits.
 
         The round's hyper-parameters win over the saved ones; the moments are dropped when the optimiser
         changed. Returns whether a state was loaded.
         """
-        if not self.engine_path.is_file():
+        path = self.engine_path(run_key)
+        if not path.is_file():
             return False
-        saved = torch.load(self.engine_path, weights_only=True, map_location=engine.device)
+        saved = torch.load(path, weights_only=True, map_location=engine.device)
         if _shapes(saved.get("model", {})) != _shapes(engine.model.state_dict()):
             logger.warning("site %s: the saved engine state does not fit the model; not used", self.name)
             return False
@@ -367,7 +395,7 @@ class Site:
         """The round's engine on ``device``: the site's saved state, overwritten by the received tensors,
         at the round's schedule position, with the received weights as FedProx reference when mu > 0."""
         engine = TrainEngine(self._build_model(request), self._engine_config(request), device)
-        resumed = self._restore_local_state(engine)
+        resumed = self._restore_local_state(engine, request.run_key)
         layout = self._apply_received(engine.model, request)
         engine.iteration = request.schedule_iteration
         engine.set_proximal_reference(engine.model.state_dict() if request.proximal_mu > 0 else None)
@@ -377,7 +405,8 @@ class Site:
     def train(self, request: RoundRequest) -> TrainReply:
         """Train the received weights for ``local_iterations`` steps; save the engine; reply."""
         start = time.perf_counter()
-        datasets = self.open_datasets(request.task_map, "train")
+        self._apply_threads()
+        datasets = self.open_datasets(request.task_map, "train", request.plans)
         multi = len(self.devices) > 1
         gpu = self.primary_device if self.primary_device.type == "cuda" and not multi else None
         if gpu is not None:
@@ -386,7 +415,7 @@ class Site:
         training = self.config.training
         data = TrainData(
             datasets=tuple(datasets),
-            patch_size=tuple(reversed(training.patch_size)),  # config (x, y, z) -> arrays (D, H, W)
+            patch_size=tuple(reversed(request.plans.patch_size)),  # plan (x, y, z) -> arrays (D, H, W)
             batch_size=training.batch_size,
             seed=request.seed + request.server_round + training.seed,
             num_workers=training.num_workers,
@@ -399,15 +428,15 @@ class Site:
         )
         result = train_local(
             engine, self._model_factory(request), data, request.local_iterations, self.devices,
-            scratch_dir=self.state_dir, log_every=self.log_every,
+            scratch_dir=self.state_dir(request.run_key), log_every=self.log_every,
         )
-        engine.save(self.engine_path)
+        engine.save(self.engine_path(request.run_key))
         state = engine.model.state_dict()
         metrics = {NUM_EXAMPLES: result.samples, **result.metrics(),
                    "train-time-s": time.perf_counter() - start}
         if gpu is not None:  # one device: this process's peak (DDP workers are other processes)
             metrics["gpu-peak-mib"] = torch.cuda.max_memory_allocated(gpu) / 2**20
-        self._log_round("train", request.server_round, metrics, result)
+        self._log_round("train", request, metrics, result)
         return TrainReply(
             backbone=to_wire(layout.backbone(state), request.wire_dtype),
             task_rows=to_wire(layout.task_rows(state, request.task_row_ids), request.wire_dtype),
@@ -419,55 +448,90 @@ class Site:
 
     # -- evaluate ----------------------------------------------------------------------------------
     def evaluate(self, request: RoundRequest) -> dict[str, float]:
-        """Sliding-window Dice per task of the received weights on the validation split.
+        """Whole-scan Dice of the received weights on the validation split, at each scan's native geometry.
+
+        Every validation scan is segmented whole (preprocessed without any label-based crop) through
+        :func:`client.predict.segment_preprocessed`, the code path of ``hermes-predict``, and scored against
+        its original label with :func:`client.evaluate.evaluate_case`, the code of ``hermes-evaluate``.
 
         Returns:
             ``num-examples`` (validation cases), ``dice/<dataset>/<class>`` (mean over the cases where the
             class is present; tasks never present are left out), ``dice-mean`` (mean of those; left out
-            when there is none) and ``eval-time-s``.
+            when there is none), the same with ``dice-paper`` (the paper's convention: training grid,
+            cropped around the label; not what a user gets) and ``eval-time-s``.
         """
         start = time.perf_counter()
-        cases = ValidationCases(self.open_datasets(request.task_map, "val"))
+        self._apply_threads()
+        self.ensure_preprocessed(request.plans)
         # the site's tasks and modalities are exactly the rows received: no local state is needed
         model = self._build_model(request)
         self._apply_received(model, request)
         model = model.to(self.primary_device).eval()
-        scores = self._dice_scores(model, cases, self._engine_config(request).precision)
-        per_task = {f"dice/{key}": float(np.mean(v)) for key, v in scores.items() if v}
-        metrics: dict[str, float] = {NUM_EXAMPLES: len(cases), **per_task}
-        if per_task:
-            metrics["dice-mean"] = float(np.mean(list(per_task.values())))
+        cases = self._validation_cases()
+        scores: dict[str, dict[str, list[float]]] = {"dice": {}, "dice-paper": {}}
+        task_ids = self.task_ids(request.task_map)
+        for i, (ds, case) in enumerate(cases):
+            for row in self._evaluate_case(model, ds, case, task_ids[ds.name], request.plans):
+                for metric, column in (("dice", "dice"), ("dice-paper", "dice_paper")):
+                    if math.isfinite(row[column]):
+                        scores[metric].setdefault(row["class"], []).append(row[column])
+            logger.info("site %s: evaluated validation case %d/%d", self.name, i + 1, len(cases))
+        metrics: dict[str, float] = {NUM_EXAMPLES: len(cases)}
+        for metric, table in scores.items():
+            per_task = {f"{metric}/{key}": float(np.mean(v)) for key, v in sorted(table.items())}
+            metrics.update(per_task)
+            if per_task:
+                metrics[f"{metric}-mean"] = float(np.mean(list(per_task.values())))
         metrics["eval-time-s"] = time.perf_counter() - start
-        self._log_round("evaluate", request.server_round, metrics)
+        self._log_round("evaluate", request, metrics)
         return metrics
 
-    def _dice_scores(
-        self, model: nn.Module, cases: ValidationCases, precision: str
-    ) -> dict[str, list[float]]:
-        """``"<dataset>/<class>"`` -> Dice of every validation case where the class is present."""
-        names = {d.name: d.class_names for d in cases.datasets}
-        scores: dict[str, list[float]] = {f"{d}/{c}": [] for d, classes in names.items() for c in classes}
-        roi = tuple(reversed(self.config.training.patch_size))
-        for i, case in enumerate(cases):
-            probs = predict_volume(
-                model, case.image, case.task_ids.tolist(), case.modality_id, roi_size=roi,
-                overlap=EVAL_OVERLAP, precision=precision,
-            )
-            dice = dice_per_task(threshold(probs, EVAL_THRESHOLD), case.masks())
-            for class_name, value in zip(names[case.dataset], dice, strict=True):
-                if np.isfinite(value):
-                    scores[f"{case.dataset}/{class_name}"].append(float(value))
-            logger.info("site %s: evaluated validation case %d/%d", self.name, i + 1, len(cases))
-        return scores
+    def _validation_cases(self) -> list[tuple[DatasetConfig, CaseSpec]]:
+        """The labelled validation cases that were preprocessed, per dataset in config order."""
+        out = []
+        for ds in self.config.datasets:
+            meta = json.loads(self._dataset_json(ds).read_text(encoding="utf-8"))
+            val = set(meta["splits"]["val"])
+            out += [(ds, c) for c in ds.cases() if c.case_id in val and c.label is not None]
+        return out
+
+    def _evaluate_case(self, model: nn.Module, ds: DatasetConfig, case: CaseSpec, task_ids: Sequence[int],
+                       plans: Plans) -> list[dict[str, Any]]:
+        """Rows of :func:`client.evaluate.evaluate_case` for one validation case (classes named
+        ``<dataset>/<class>``; the prediction's value ``i + 1`` is the dataset's ``i``-th class)."""
+        from client.evaluate import ClassSpec, evaluate_case
+        from client.predict import InferenceOptions, segment_preprocessed
+        from client.preprocess import align_label, map_label_values, read_image, read_label
+
+        folder = self.config.preprocessed_dir / ds.name
+        meta = json.loads((folder / f"{case.case_id}.json").read_text(encoding="utf-8"))
+        image_zyx = np.load(folder / f"{case.case_id}.npy", allow_pickle=False)
+        options = InferenceOptions.from_plans(plans, overlap=EVAL_OVERLAP, progress=False)
+        predicted = segment_preprocessed(model, image_zyx, meta, task_ids, modality_id(ds.modality), options,
+                                         self.primary_device)
+        classes = sorted(self._classes(ds).items())
+        image = read_image(case.image, frame=case.frame)
+        label = map_label_values(read_label(case, image), [v for v, _ in classes], ds.ignore_values)
+        reference, _ = align_label(label, image, ds.resample_label)
+        specs = [ClassSpec(f"{ds.name}/{name}", (i + 1,), (value,)) for i, (value, name) in enumerate(classes)]
+        return evaluate_case(predicted, reference, specs, name=f"{ds.name}/{case.case_id}", plans=plans,
+                             metrics=EVAL_METRICS)
+
+    def _apply_threads(self) -> None:
+        threads = self.config.training.threads
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            logger.info("site %s: %d CPU thread(s) (training.threads)", self.name, threads)
 
     # -- local history -----------------------------------------------------------------------------
-    def _log_round(self, kind: str, server_round: int, metrics: Mapping[str, float],
+    def _log_round(self, kind: str, request: RoundRequest, metrics: Mapping[str, float],
                    result: LocalResult | None = None) -> None:
-        line = {"kind": kind, "round": server_round, "time": time.time(), **metrics}
+        line = {"kind": kind, "round": request.server_round, "time": time.time(), **metrics}
         if result is not None:
             line["world_size"] = result.world_size
-        logger.info("site %s: %s round %d: %s", self.name, kind, server_round,
+        logger.info("site %s: %s round %d: %s", self.name, kind, request.server_round,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / HISTORY_FILE).open("a", encoding="utf-8") as f:
+        folder = self.state_dir(request.run_key)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / HISTORY_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")

@@ -53,9 +53,16 @@ class BasicBlock(nn.Module):
         return self.conv2(self.conv1.conv(act)) + self.shortcut.conv(act)
 
 
-def upsample_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Trilinear (align_corners=True) resize of ``x`` to ``ref``'s spatial size, computed in float32."""
-    return F.interpolate(x.float(), size=ref.shape[2:], mode="trilinear", align_corners=True)
+def upsample_like(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Trilinear (align_corners=True) resize of ``x`` to ``ref``'s spatial size.
+
+    Computed in ``x``'s dtype, or in ``dtype`` when given (Hermes-R passes float32: the published
+    Hermes-R resizes in float32 whatever the input, float64 included; Hermes-M keeps the input's dtype).
+    Autocast leaves trilinear resizing alone (it is on none of its CUDA lists, and CPU autocast keeps a
+    bf16 input in bf16 as of torch 2.13), so under autocast too the resize runs in the dtype it is given.
+    """
+    x = x if dtype is None else x.to(dtype)
+    return F.interpolate(x, size=ref.shape[2:], mode="trilinear", align_corners=True)
 
 
 class Mlp(nn.Module):
@@ -184,7 +191,7 @@ class PriorFusionLayer(PriorBank):
         self, x: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, dim, D, H, W) -> (updated x, posterior priors (B, n + 10, dim))."""
-        priors = self.select(task_ids, modality_ids).to(x.dtype)
+        priors = self.select(task_ids, modality_ids)
         feat = map_to_tokens(x)
         for block in self.attn_layers:
             feat, priors = block(feat, priors)
@@ -208,7 +215,7 @@ class HierarchyPriorClassifier(nn.Module):
         for mlp in self.classifier_pred:
             kernels = mlp(kernels)
         b, c = feat.shape[:2]
-        logits = torch.bmm(kernels.to(feat.dtype), feat.reshape(b, c, -1))
+        logits = torch.bmm(kernels, feat.reshape(b, c, -1))
         return logits.view(b, -1, *feat.shape[2:])
 
 

@@ -209,9 +209,14 @@ class DatasetEntry:
         return {f"{self.name}/{self.classes[v]}": t for v, t in self.label_to_task().items()}
 
     def cases(self, split: str) -> tuple[str, ...]:
-        """Case ids of ``split`` (``train``, ``val`` or ``test``), duplicates removed, order kept."""
+        """Case ids of ``split`` (``train``, ``val`` or ``test``), duplicates removed, order kept.
+
+        Problems of the published lists (a case id listed twice, or in two splits) are logged once per
+        process, when a split of this dataset is used, not whenever the catalog is loaded.
+        """
         if split not in _SPLIT_NAMES:
             raise ValueError(f"split must be one of {list(_SPLIT_NAMES)}, got {split!r}")
+        _warn_split_problems(f"datasets.{self.name}", self.split)
         return tuple(dict.fromkeys(self.split.get(split, ())))
 
     def to_dict(self) -> dict[str, Any]:
@@ -550,7 +555,6 @@ class Catalog:
             entry = _parse_entry(name, entry_raw, errors)
             if entry is not None:
                 entries[name] = entry
-                _warn_split_problems(f"datasets.{name}", entry.split)
         _cross_check(entries.values(), errors)
         _raise_all("invalid catalog", errors)
         note = raw.get("note")

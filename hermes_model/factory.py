@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +69,16 @@ def load_checkpoint(
     For the published layout, the EMA weights are used when present and ``use_ema`` (the reference
     evaluates the EMA model); the architecture is inferred from the tensor shapes.
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        # torch's own message ends with advice to load with weights_only=False, i.e. to execute whatever
+        # code the file holds: never show it; a real checkpoint of ours or the published one loads safely
+        raise ValueError(
+            f"{path} is not a model checkpoint that can be loaded safely ({type(exc).__name__}): a Hermes "
+            "checkpoint holds only tensors and plain values; this file is damaged or holds something else "
+            "(loading it by other means could run code it contains)"
+        ) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a checkpoint (a dict was expected, got {type(ckpt).__name__})")
     if ckpt.get("format") == CHECKPOINT_FORMAT:

@@ -136,7 +136,6 @@ class BidirectionAttention(nn.Module):
     def forward(self, feat: torch.Tensor, sem_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_feat, v_feat = (_feature_heads(t, self.heads) for t in self.feat_qv(feat).chunk(2, dim=1))
         q_map, v_map = (_map_heads(t, self.heads) for t in self.map_qv(sem_map).chunk(2, dim=-1))
-        q_map, v_map = q_map.to(q_feat.dtype), v_map.to(q_feat.dtype)
         feat_update = F.scaled_dot_product_attention(q_feat, q_map, v_map)  # (B, h, N, d)
         map_update = F.scaled_dot_product_attention(q_map, q_feat, v_feat)  # (B, h, M, d)
         b, h, _, d = feat_update.shape
@@ -181,7 +180,7 @@ class AttentionStack(nn.Module):
 
 def _run_with_priors(stack: AttentionStack, x: torch.Tensor, sem_map: torch.Tensor, priors: torch.Tensor):
     """Append the priors to the map tokens, run the stack, split -> (x, map (B, 64, c), priors)."""
-    x, tokens = stack(x, torch.cat([sem_map, priors.to(sem_map.dtype)], dim=1))
+    x, tokens = stack(x, torch.cat([sem_map, priors], dim=1))
     return x, tokens[:, :MAP_TOKENS], tokens[:, MAP_TOKENS:]
 
 
@@ -226,7 +225,7 @@ class AttentionUp(nn.Module):
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor, deep_map: torch.Tensor, skip_map: torch.Tensor,
                 task_ids: torch.Tensor, modality_ids: torch.Tensor):
-        x = torch.cat([upsample_like(deep, skip).to(skip.dtype), skip], dim=1)
+        x = torch.cat([upsample_like(deep, skip), skip], dim=1)
         sem_map = self.map_reduction(torch.cat([deep_map, skip_map], dim=-1))
         return _run_with_priors(self.trans_blocks, x, sem_map, self.prior_selection.select(task_ids, modality_ids))
 
@@ -237,7 +236,7 @@ class ConvUp(nn.Module):
         self.conv_blocks = nn.ModuleList([BasicBlock(deep_ch + skip_ch, out_ch), BasicBlock(out_ch, out_ch)])
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([upsample_like(deep, skip).to(skip.dtype), skip], dim=1)
+        x = torch.cat([upsample_like(deep, skip), skip], dim=1)
         for block in self.conv_blocks:
             x = block(x)
         return x
@@ -322,7 +321,7 @@ class HermesM(nn.Module):
         y, _, p6 = self.up2(y, x2, map_up1, map2, *ids)
         posteriors = [p2, p3, p4, p5, p6]
         task_tokens = [p[:, :n] for p in posteriors]
-        aux = upsample_like(self.aux_classifier(y, task_tokens), x).to(y.dtype)
+        aux = upsample_like(self.aux_classifier(y, task_tokens), x)
         y = self.up4(self.up3(y, x1), x0)
         seg = self.out_classifier(y, task_tokens)
         return [seg, aux], self.mod_out([p[:, n:] for p in posteriors])

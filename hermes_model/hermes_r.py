@@ -43,7 +43,9 @@ class Up(nn.Module):
         self.conv = nn.Sequential(*blocks)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        merged = torch.cat([skip, upsample_like(deep, skip).to(skip.dtype)], dim=1)
+        # The published Hermes-R resizes in float32 (in a float64 run too: its float64 golden vectors need
+        # it); the result joins the skip's dtype.
+        merged = torch.cat([skip, upsample_like(deep, skip, torch.float32).to(skip.dtype)], dim=1)
         return self.conv(merged)
 
 

@@ -18,6 +18,17 @@ both non-empty                value       value (mm)  value
 So a false positive on a case without the structure is not penalised (as in the reference), a missed
 structure scores 0 in Dice and surface Dice, and HD95 is only defined when both surfaces exist (a
 distance to nothing has no value; read it together with Dice).
+
+Surface Dice is the area-weighted normalised surface Dice of the literature (Nikolov et al. 2021;
+DeepMind's ``surface-distance`` package), through MONAI's ``compute_surface_dice(use_subvoxels=True)``:
+each surface is a mesh of surface elements, one per 2x2x2 voxel neighbourhood that the mask crosses, with
+the marching-cubes area of that element at the voxel spacing; the score is the area of both surfaces lying
+within the tolerance (distance <= tolerance) of the other surface over their total area. It is not
+MONAI's default, which counts boundary voxels (every voxel the same weight, whatever the spacing).
+Distances are measured between the element positions, which lie on the voxel grid shifted by half a voxel,
+so the score only changes with the tolerance where the tolerance passes one of the grid's distances: any
+tolerance below the smallest spacing counts only the elements that coincide with an element of the other
+surface.
 """
 
 from __future__ import annotations
@@ -113,10 +124,13 @@ def surface_dice_per_task(
     tolerance_mm: float = 1.0,
     spacing: float | Sequence[float] = (1.0, 1.0, 1.0),
 ) -> np.ndarray:
-    """Normalised surface Dice per task: the fraction of both surfaces within ``tolerance_mm`` of the other.
+    """Area-weighted normalised surface Dice per task: the share of both surfaces' AREA within ``tolerance_mm``.
 
-    ``spacing`` is the voxel size in mm along (D, H, W); distances and the tolerance are in mm. Returns
-    (n,): NaN where ``ref`` is empty, 0 where only ``pred`` is empty.
+    The convention of Nikolov et al. and DeepMind's ``surface-distance`` (MONAI ``use_subvoxels=True``, see
+    the module docstring): surface elements of the 2x2x2-neighbourhood mesh weighted by their area in mm²,
+    an element counted when its distance to the other surface is <= ``tolerance_mm``. ``spacing`` is the
+    voxel size in mm along (D, H, W); distances, areas and the tolerance are in mm. Returns (n,): NaN where
+    ``ref`` is empty, 0 where only ``pred`` is empty.
     """
     p, r = _as_masks(pred, ref)
     sp = _check_spacing(spacing)
@@ -129,7 +143,12 @@ def surface_dice_per_task(
         idx = torch.from_numpy(np.flatnonzero(both))
         with _quiet_monai():
             nsd = compute_surface_dice(
-                p[:, idx], r[:, idx], class_thresholds=[tol] * len(idx), include_background=True, spacing=sp
+                p[:, idx],
+                r[:, idx],
+                class_thresholds=[tol] * len(idx),
+                include_background=True,
+                spacing=sp,
+                use_subvoxels=True,
             )
         out[both] = nsd[0].double().numpy()
     return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hermes_model.catalog import Catalog, canonical_modality, modality_id, modality_row
+from hermes_model.trained import TrainedTask
 
 logger = logging.getLogger(__name__)
 
@@ -41,28 +42,40 @@ class SiteDataset:
 
 @dataclass(frozen=True)
 class SiteOwnership:
-    """The prior rows a site owns and the task keys of its datasets."""
+    """The prior rows a site owns, the task keys of its datasets and the modalities of its tasks."""
 
     task_ids: tuple[int, ...]
     modality_rows: tuple[int, ...]
     task_map: dict[str, int]
     datasets: tuple[str, ...]
+    task_modalities: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass
 class RowInfo:
-    """Owners of one prior row, the round that last updated it and the samples of that update."""
+    """Owners of one prior row; the round that last updated it and the samples of that update; the samples
+    of every update together and the modalities they were drawn from (the row's training history)."""
 
     owners: set[str] = field(default_factory=set)
     last_round: int | None = None
     samples: float = 0.0
+    total_samples: float = 0.0
+    modalities: set[str] = field(default_factory=set)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"owners": sorted(self.owners), "last_round": self.last_round, "samples": self.samples}
+        return {"owners": sorted(self.owners), "last_round": self.last_round, "samples": self.samples,
+                "total_samples": self.total_samples, "modalities": sorted(self.modalities)}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RowInfo:
-        return cls(set(raw["owners"]), raw["last_round"], float(raw["samples"]))
+        return cls(set(raw["owners"]), raw["last_round"], float(raw["samples"]),
+                   float(raw.get("total_samples", raw["samples"])), set(raw.get("modalities", [])))
+
+
+def required_task_slots(catalog: Catalog, spare: int) -> int:
+    """Task slots that hold every task of ``catalog`` plus ``spare`` rows: task ids ``0..task_slots-2`` fit
+    (one slot is the null token)."""
+    return catalog.num_tasks + 1 + int(spare)
 
 
 def parse_site_datasets(text: str) -> list[SiteDataset]:
@@ -152,9 +165,10 @@ class PriorBank:
         needed = catalog.num_tasks + sum(len(ds.classes) for ds in new)
         if needed > self.usable_task_ids:
             raise ValueError(
-                f"site {site!r}: new datasets {[d.name for d in new]} need task ids up to {needed - 1} "
-                f"but the model has task_slots={self.task_slots} (task ids 0..{self.usable_task_ids - 1}); "
-                "start a run with a larger task-slots"
+                f"site {site!r}: new datasets {[d.name for d in new]} need task ids up to {needed - 1}, i.e. "
+                f"task-slots >= {needed + 1}, but this run's prior bank has task_slots={self.task_slots} (task "
+                f"ids 0..{self.usable_task_ids - 1}; its spare rows are used up); start a new run (the bank is "
+                "sized from the sites present at its start, plus spare-task-slots)"
             )
         for ds in new:
             entry = catalog.register_dataset(ds.name, ds.modalities[0], ds.classes)
@@ -193,10 +207,20 @@ class PriorBank:
     def info(self, kind: str, row: int) -> RowInfo | None:
         return self._table(kind).get(int(row))
 
-    def record_update(self, kind: str, row: int, server_round: int, samples: float) -> None:
-        """Row ``row`` was aggregated in ``server_round`` from ``samples`` samples."""
+    def record_update(self, kind: str, row: int, server_round: int, samples: float,
+                      modalities: Sequence[str] = ()) -> None:
+        """Row ``row`` was aggregated in ``server_round`` from ``samples`` samples of ``modalities``."""
         info = self._table(kind).setdefault(int(row), RowInfo())
         info.last_round, info.samples = int(server_round), float(samples)
+        info.total_samples += float(samples)
+        info.modalities |= set(modalities)
+
+    def trained_tasks(self) -> dict[int, TrainedTask]:
+        """The task rows some round updated, with their samples and modalities."""
+        return {
+            row: TrainedTask(row, info.total_samples, tuple(sorted(info.modalities)), info.last_round)
+            for row, info in sorted(self.rows[TASK].items()) if info.last_round is not None
+        }
 
     def _table(self, kind: str) -> dict[int, RowInfo]:
         if kind not in self.rows:
@@ -220,11 +244,13 @@ class PriorBank:
     def _ownership(self, datasets: Sequence[SiteDataset], catalog: Catalog) -> SiteOwnership:
         task_map: dict[str, int] = {}
         mod_rows: set[int] = set()
+        task_modalities: dict[int, set[str]] = {}
         for ds in datasets:
             entry = catalog.dataset(ds.name)
-            task_map.update(
-                {f"{ds.name}/{entry.classes[v]}": entry.task_id_for(v) for v in sorted(ds.classes)}
-            )
+            ids = {f"{ds.name}/{entry.classes[v]}": entry.task_id_for(v) for v in sorted(ds.classes)}
+            task_map.update(ids)
+            for task in ids.values():
+                task_modalities.setdefault(task, set()).update(ds.modalities)
             mids = {modality_id(m) for m in ds.modalities} | set(entry.modality_ids.values())
             mod_rows |= {modality_row(m, self.modality_slots) for m in mids}
         bad = sorted(t for t in task_map.values() if not 0 <= t < self.usable_task_ids)
@@ -237,6 +263,7 @@ class PriorBank:
             tuple(sorted(mod_rows)),
             task_map,
             tuple(ds.name for ds in datasets),
+            {t: tuple(sorted(m)) for t, m in sorted(task_modalities.items())},
         )
 
     # -- persistence -------------------------------------------------------------------------------
@@ -252,6 +279,7 @@ class PriorBank:
                     "modality_rows": list(o.modality_rows),
                     "task_map": dict(o.task_map),
                     "datasets": list(o.datasets),
+                    "task_modalities": {str(t): list(m) for t, m in o.task_modalities.items()},
                 }
                 for s, o in sorted(self.sites.items())
             },
@@ -263,8 +291,10 @@ class PriorBank:
         for kind in ROW_KINDS:
             bank.rows[kind] = {int(r): RowInfo.from_dict(i) for r, i in raw["rows"][kind].items()}
         for site, o in raw["sites"].items():
+            modalities = {int(t): tuple(m) for t, m in o.get("task_modalities", {}).items()}
             bank.sites[site] = SiteOwnership(
-                tuple(o["task_ids"]), tuple(o["modality_rows"]), dict(o["task_map"]), tuple(o["datasets"])
+                tuple(o["task_ids"]), tuple(o["modality_rows"]), dict(o["task_map"]), tuple(o["datasets"]),
+                modalities,
             )
         return bank
 

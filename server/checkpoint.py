@@ -3,9 +3,13 @@
 Layout::
 
     <run_dir>/checkpoints/round_0003.pt   global model (hermes_model.model_checkpoint format, so
-                                          hermes_model.load_checkpoint reads it) + catalog + server state
+                                          hermes_model.load_checkpoint reads it) + catalog + plans + the
+                                          trained-task table + server state
     <run_dir>/checkpoints/latest          name of the newest complete round checkpoint
     <run_dir>/metrics.jsonl               one JSON line per site and phase per round, plus aggregates
+    <run_dir>/final_model.pt              the model at the end of the run (:func:`save_final_model`): the
+                                          format of every model we hand to users (hermes-predict --model)
+    <run_dir>/plans.json, fingerprint.json  the federation's plan and the merged data fingerprint
 
 Each file is written atomically (temp file + rename); the pointer is written after the checkpoint, the
 metric lines before it, and a resume drops metric lines of rounds after the checkpoint's, so a crash at
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ from torch import nn
 from hermes_model.catalog import Catalog
 from hermes_model.factory import load_checkpoint, model_checkpoint
 from hermes_model.fileio import atomic_torch_save, atomic_write_bytes
+from hermes_model.plans import Plans
+from hermes_model.trained import PLANS_KEY, TRAINED_TASKS_KEY, TrainedTask, trained_to_dict
 from server.bank import PriorBank
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
+FINAL_MODEL = "final_model.pt"
+PLANS_FILE, FINGERPRINT_FILE = "plans.json", "fingerprint.json"
 SERVER_KEY = "server"
+WEIGHTS_RAW = "raw"  # which weights a model file holds (the server keeps no EMA yet)
 _ROUND_FILE = re.compile(r"^round_(\d{4,})\.pt$")
 
 
@@ -51,6 +61,8 @@ class RoundCheckpoint:
     config: dict[str, Any]
     seed: int
     path: Path
+    plans: Plans
+    run_key: str
 
 
 class RunStore:
@@ -99,6 +111,8 @@ class RunStore:
         strategy_state: dict[str, Any],
         config: dict[str, Any],
         seed: int,
+        plans: Plans,
+        run_key: str,
         keep: int = 0,
     ) -> Path:
         """Write ``round_XXXX.pt`` atomically, then the ``latest`` pointer; keep the newest ``keep`` files
@@ -109,8 +123,10 @@ class RunStore:
             "strategy": strategy_state,
             "config": dict(config),
             "seed": int(seed),
+            "run_key": run_key,
         }
-        ckpt = model_checkpoint(model, catalog=catalog.to_dict(), **{SERVER_KEY: server})
+        ckpt = model_checkpoint(model, catalog=catalog.to_dict(), **model_record(plans, bank.trained_tasks()),
+                                **{SERVER_KEY: server})
         name = self.round_file(server_round)
         path = atomic_torch_save(self.checkpoint_dir / name, ckpt)
         atomic_write_bytes(self.checkpoint_dir / LATEST, f"{name}\n".encode())
@@ -175,4 +191,22 @@ def load_round_checkpoint(path: str | os.PathLike) -> RoundCheckpoint:
         config=server["config"],
         seed=int(server["seed"]),
         path=Path(path),
+        plans=Plans.from_dict(loaded.extra[PLANS_KEY]),
+        run_key=str(server["run_key"]),
     )
+
+
+def model_record(plans: Plans, trained: Mapping[int, TrainedTask]) -> dict[str, Any]:
+    """What every checkpoint carries beside its weights so it can be used alone: the plan and which task
+    rows were trained (:mod:`hermes_model.trained`)."""
+    return {PLANS_KEY: plans.to_dict(), TRAINED_TASKS_KEY: trained_to_dict(trained.values())}
+
+
+def save_final_model(path: str | os.PathLike, model: nn.Module, catalog: Catalog, plans: Plans,
+                     trained: Mapping[int, TrainedTask], **metadata: Any) -> Path:
+    """Write the model a run hands to its users, atomically: weights, build arguments, catalog, plan,
+    trained-task table and ``metadata`` (e.g. ``mode``, ``server_round``), in the format every mode
+    (federated simulation or deployment, centralized, local-only) shares; ``hermes-predict --model`` reads
+    it. ``weights`` says which weights it holds (:data:`WEIGHTS_RAW`)."""
+    extra = {"weights": WEIGHTS_RAW, **metadata, **model_record(plans, trained)}
+    return atomic_torch_save(path, model_checkpoint(model.cpu().eval(), catalog=catalog.to_dict(), **extra))

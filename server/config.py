@@ -17,6 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hermes_model.factory import model_arguments
+from hermes_model.plans import (
+    RECIPE_INTERPOLATION,
+    RECIPE_MARGIN,
+    RECIPE_PATCH,
+    RECIPE_SPACING,
+    Plans,
+    parse_xyz_setting,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,14 @@ FIXED_ON_RESUME = (
     "warmup_epochs",
     "total_epochs",
     "iters_per_epoch",
+    "target_spacing",
+    "patch_size",
+    "train_margin",
+    "interpolation",
 )
+AUTO = "auto"
+# the recipe's warm-up share: 5 of 200 epochs
+RECIPE_WARMUP_FRACTION = 5 / 200
 
 
 class ServerConfig(BaseModel):
@@ -66,11 +81,22 @@ class ServerConfig(BaseModel):
         server_lr, beta1, beta2, tau: FedAdam's server optimiser.
         run_dir: checkpoints and metrics go here; resume: continue from its latest checkpoint.
         keep_checkpoints: round checkpoints kept on disk (0 = all).
-        model, base_channels, task_slots, modality_slots: the network (``build_model`` arguments).
+        model, base_channels, modality_slots: the network (``build_model`` arguments).
+        task_slots: rows of the task prior bank; 0 (default) sizes it at the start from the catalog and the
+            datasets the sites declare, plus ``spare_task_slots`` rows for sites that join later.
+        spare_task_slots: the spare rows of an automatically sized bank.
         initial_weights: ``""`` = random with ``seed``; else a path to the published Hermes-R checkpoint
             or one of ours.
         catalog: task catalog yaml (``""`` = the bundled one, or the one inside ``initial_weights``).
-        optimizer ... iters_per_epoch: the training-engine settings the server fixes for every site.
+        optimizer, lr, weight_decay: the training-engine settings the server fixes for every site.
+        warmup_epochs, total_epochs, iters_per_epoch: the learning-rate schedule (warm-up, then poly decay
+            to 0 at ``total_epochs x iters_per_epoch`` steps). ``"auto"`` (default) fits it to the run: an
+            epoch is a round (``local_iterations`` steps), the decay ends with the last round, and the
+            warm-up is the recipe's share (5 of 200 epochs, rounded down). An explicit schedule is checked
+            against the run's length (:meth:`schedule_problems`).
+        target_spacing, patch_size, train_margin, interpolation: the federation's plan
+            (:class:`hermes_model.plans.Plans`; spacing and patch one number or ``"x,y,z"``); the recipe's
+            values by default.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -99,7 +125,8 @@ class ServerConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=0)
     model: str = "hermes-r"
     base_channels: int = Field(32, ge=1)
-    task_slots: int = Field(72, ge=1)
+    task_slots: int = Field(0, ge=0)
+    spare_task_slots: int = Field(8, ge=0)
     modality_slots: int = Field(6, ge=2)
     initial_weights: str = ""
     catalog: str = ""
@@ -107,9 +134,13 @@ class ServerConfig(BaseModel):
     optimizer: str = "lamb"
     lr: float = 2e-3
     weight_decay: float = 1e-5
-    warmup_epochs: int = 5
-    total_epochs: int = 200
-    iters_per_epoch: int = 400
+    warmup_epochs: int | Literal["auto"] = AUTO
+    total_epochs: int | Literal["auto"] = AUTO
+    iters_per_epoch: int | Literal["auto"] = AUTO
+    target_spacing: float | str = RECIPE_SPACING[0]
+    patch_size: int | str = RECIPE_PATCH[0]
+    train_margin: int = Field(RECIPE_MARGIN, ge=0)
+    interpolation: Literal["bspline", "linear"] = RECIPE_INTERPOLATION
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
@@ -126,29 +157,82 @@ class ServerConfig(BaseModel):
                 f"sites-per-round={self.sites_per_round}"
             )
         self.engine_config()  # validates optimizer / lr / schedule with the engine's own checks
+        self.plans()
+        problems = self.schedule_problems()
+        if problems["error"]:
+            raise ValueError(problems["error"])
         return self
 
     # -- derived -----------------------------------------------------------------------------------
+    def schedule(self) -> dict[str, int]:
+        """``warmup_epochs``, ``total_epochs`` and ``iters_per_epoch`` with ``"auto"`` resolved (class doc)."""
+        total = self.num_server_rounds if self.total_epochs == AUTO else self.total_epochs
+        warmup = int(total * RECIPE_WARMUP_FRACTION) if self.warmup_epochs == AUTO else self.warmup_epochs
+        iters = self.local_iterations if self.iters_per_epoch == AUTO else self.iters_per_epoch
+        return {"warmup_epochs": warmup, "total_epochs": total, "iters_per_epoch": iters}
+
+    @property
+    def run_steps(self) -> int:
+        """Optimiser steps a site takes over the whole run (the schedule position after the last round)."""
+        return self.num_server_rounds * self.local_iterations
+
+    def schedule_problems(self) -> dict[str, str | None]:
+        """``{"error": ..., "warning": ...}`` about an explicit schedule that does not fit the run: an error
+        when the run ends inside the warm-up (the learning rate would stay near 0), a warning when it ends
+        before half of the decay (the learning rate would still be high at the end)."""
+        sched = self.schedule()
+        warmup_steps = sched["warmup_epochs"] * sched["iters_per_epoch"]
+        total_steps = sched["total_epochs"] * sched["iters_per_epoch"]
+        error = warning = None
+        if warmup_steps and self.run_steps <= warmup_steps:
+            error = (f"the schedule does not fit the run: its {self.run_steps} steps (num-server-rounds "
+                     f"{self.num_server_rounds} x local-iterations {self.local_iterations}) end inside the warm-up "
+                     f"of {warmup_steps} steps, so the learning rate never leaves it; leave warmup-epochs, "
+                     "total-epochs and iters-per-epoch at 'auto' to fit the schedule to the run")
+        elif self.run_steps < total_steps / 2:
+            warning = (f"the run ends at step {self.run_steps} of a {total_steps}-step schedule: the learning rate "
+                       "is still high when it ends; 'auto' schedule settings fit the schedule to the run")
+        return {"error": error, "warning": warning}
+
+    def describe_schedule(self) -> str:
+        """The schedule in words, for the log."""
+        sched = self.schedule()
+        warmup = sched["warmup_epochs"] * sched["iters_per_epoch"]
+        total = sched["total_epochs"] * sched["iters_per_epoch"]
+        auto = "fitted to the run" if AUTO in (self.warmup_epochs, self.total_epochs, self.iters_per_epoch) else \
+            "explicit"
+        return (f"learning rate {self.lr:g} ({self.optimizer}): warm-up {warmup} steps, then poly decay to 0 at step "
+                f"{total}; the run takes {self.run_steps} steps per site ({self.num_server_rounds} rounds x "
+                f"{self.local_iterations}) [{auto}]")
+
     def engine_config(self) -> dict[str, Any]:
         """The ``EngineConfig`` fields the server fixes for every site (validated by the engine)."""
         from hermes_model.engine import EngineConfig
 
-        fields = {
-            "optimizer": self.optimizer,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs,
-            "total_epochs": self.total_epochs,
-            "iters_per_epoch": self.iters_per_epoch,
-        }
+        fields = {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay, **self.schedule()}
         EngineConfig(**fields)
         return fields
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """``build_model`` keyword arguments (without the name); only those the chosen model takes."""
+    def plans(self) -> Plans:
+        """The federation's plan from the plan settings (the model is added once it is built)."""
+        return Plans(
+            target_spacing=parse_xyz_setting(self.target_spacing, "target-spacing"),
+            patch_size=parse_xyz_setting(self.patch_size, "patch-size"),
+            train_margin=self.train_margin,
+            interpolation=self.interpolation,
+        )
+
+    def model_kwargs(self, task_slots: int | None = None) -> dict[str, Any]:
+        """``build_model`` keyword arguments (without the name); only those the chosen model takes.
+
+        ``task_slots``: the bank size decided at the start when the config's is 0 (automatic).
+        """
+        slots = task_slots if task_slots is not None else self.task_slots
+        if not slots:
+            raise ValueError("task-slots is 0 (sized at the start from the sites' datasets): pass the decided size")
         candidates = {
             "base_channels": self.base_channels,
-            "task_slots": self.task_slots,
+            "task_slots": slots,
             "modality_slots": self.modality_slots,
         }
         accepted = model_arguments(self.model)

@@ -61,7 +61,8 @@ def derive_seed(seed: int, server_round: int, name: str) -> int:
 class StrategyOptions:
     """Settings of :class:`HermesStrategy` (see ``server.config.ServerConfig`` for their meaning).
 
-    ``model_json`` and ``engine_json`` are sent to the sites verbatim (protocol keys ``model``/``engine``).
+    ``model_json``, ``engine_json`` and ``plans_json`` are sent to the sites verbatim (protocol keys
+    ``model``/``engine``/``plans``); ``run_key`` names the run to the sites (their local state per run).
     """
 
     kind: str = "fedavg"
@@ -80,6 +81,8 @@ class StrategyOptions:
     ttl_s: float | None = None
     model_json: str = "{}"
     engine_json: str = "{}"
+    plans_json: str = "{}"
+    run_key: str = "default"
 
     def __post_init__(self) -> None:
         if self.kind not in STRATEGY_KINDS:
@@ -122,6 +125,7 @@ class HermesStrategy(Strategy):
         self.adam_steps = 0
         self._current: GlobalState | None = None
         self._sent: dict[int, Sent] = {}
+        self._message_nodes: dict[str, int] = {}
 
     # -- sampling ----------------------------------------------------------------------------------
     def available_sites(self, grid: Grid) -> list[tuple[str, int]]:
@@ -203,6 +207,8 @@ class HermesStrategy(Strategy):
                 "proximal-mu": float(opt.proximal_mu if opt.kind == "fedprox" else 0.0),
                 "model": opt.model_json,
                 "engine": opt.engine_json,
+                "plans": opt.plans_json,
+                "run-key": opt.run_key,
                 "task-map": json.dumps(own.task_map, sort_keys=True),
             }
         )
@@ -234,14 +240,37 @@ class HermesStrategy(Strategy):
             return None, MetricRecord(summary)
         target, task_n, mod_n = self._average(updates)
         new = self._adam(target, task_n > 0, mod_n > 0) if self.options.kind == "fedadam" else target
+        modalities = self._task_modalities(updates)
         for kind, counts in ((TASK, task_n), (MODALITY, mod_n)):
             for row in torch.nonzero(counts > 0).flatten().tolist():
-                self.bank.record_update(kind, row, server_round, float(counts[row]))
+                mods = modalities.get(row, ()) if kind == TASK else ()
+                self.bank.record_update(kind, row, server_round, float(counts[row]), mods)
         summary.update(_weighted_metrics([(u.num_examples, u.metrics) for u in updates]))
         summary["skipped"] = 0
         self.round_lines.append({"round": server_round, "phase": "train", "scope": "aggregate", **summary})
         self._current = new
         return new.to_record(), MetricRecord(summary)
+
+    def _task_modalities(self, updates: list[TrainUpdate]) -> dict[int, set[str]]:
+        """Task row -> modalities of the replying sites' datasets that hold it."""
+        out: dict[int, set[str]] = {}
+        for u in updates:
+            own = self.bank.sites.get(u.site)
+            for task, mods in (own.task_modalities.items() if own else ()):
+                out.setdefault(task, set()).update(mods)
+        return out
+
+    def expect_replies(self, message_nodes: dict[str, int]) -> None:
+        """Message id -> destination node of this round's messages, so that an error reply (whose source is
+        the SuperLink, not the node) is still attributed to its site."""
+        self._message_nodes = dict(message_nodes)
+
+    def _sender(self, msg: Message) -> int:
+        """The node a reply is about: its source, or for an error reply the node its message went to."""
+        src = msg.metadata.src_node_id
+        if msg.has_error() and src not in self._sent:
+            return self._message_nodes.get(msg.metadata.reply_to_message_id, src)
+        return src
 
     def _collect_train(
         self, server_round: int, replies: Iterable[Message]
@@ -263,7 +292,7 @@ class HermesStrategy(Strategy):
         drops: list[str] = []
         seen: set[int] = set()
         for msg in replies:
-            src = msg.metadata.src_node_id
+            src = self._sender(msg)
             sent = self._sent.get(src)
             site = sent.site if sent else f"node-{src}"
             try:

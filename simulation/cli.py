@@ -2,6 +2,7 @@
 
     hermes-sim run [--sites A.yaml B.yaml ...] [--rounds N] [--local-iterations K] [--run-dir DIR]
                    [--gpus-per-site 0.25] [--cpus-per-site C] [--quick] [--local-only] [--resume]
+                   [--ray-address HOST:PORT]
     hermes-sim centralized [--sites ...] [same options]
     hermes-sim compare RUN_A RUN_B ... [--out compare_dice.png]
 
@@ -22,7 +23,9 @@ from simulation.compare import COMPARE_PNG, format_comparison, load_runs, write_
 from simulation.run import (
     DEFAULT_BASE_CHANNELS,
     DEFAULT_LOCAL_ITERATIONS,
+    DEFAULT_PATCH,
     DEFAULT_ROUNDS,
+    DEFAULT_SPACING,
     QUICK_LOCAL_ITERATIONS,
     QUICK_ROUNDS,
     SimOptions,
@@ -47,6 +50,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="the network (default hermes-r)")
     parser.add_argument("--base-channels", type=int, default=DEFAULT_BASE_CHANNELS,
                         help=f"Hermes-R width (default {DEFAULT_BASE_CHANNELS})")
+    parser.add_argument("--spacing", type=_xyz_arg(float), default=DEFAULT_SPACING, metavar="MM",
+                        help="the plan's target spacing in mm, one number or x,y,z (default "
+                        f"{DEFAULT_SPACING[0]:g}: the demo's; the recipe's is 1.5)")
+    parser.add_argument("--patch-size", type=_xyz_arg(int), default=DEFAULT_PATCH, metavar="VOXELS",
+                        help="the plan's patch (and inference window) size, one number or x,y,z, multiples of 16 "
+                        f"(default {DEFAULT_PATCH[0]}: the demo's; the recipe's is 128)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="folder for everything of the run (default: a new folder under runs/)")
     parser.add_argument("--gpus-per-site", type=float, default=None,
@@ -68,6 +77,19 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="do not copy Flower's output to the console")
 
 
+def _xyz_arg(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            values = [kind(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 3) or not all(v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"must be one positive number or three (x,y,z), got {text!r}")
+        return tuple(values * 3 if len(values) == 1 else values)
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermes-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's proximal weight mu")
     run.add_argument("--server-lr", type=float, default=None, help="FedAdam's server learning rate (default "
                      f"{ServerConfig.model_fields['server_lr'].default})")
+    run.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                     help="run the virtual sites on the existing Ray cluster whose head is at HOST:PORT (as given to "
+                     "`ray start --address`); CPUs and GPUs per site then come from the cluster's nodes, and every "
+                     "node must see the same environment and paths (README, 'Running on a Ray cluster'). Default: "
+                     "the RAY_ADDRESS environment variable if set, else a private Ray on this machine; 'local' "
+                     "forces the private one")
     central = sub.add_parser("centralized", help="one model on the pooled training splits of the sites")
     _add_run_options(central)
     compare = sub.add_parser("compare", help="side-by-side Dice of several runs (table + bar plot)")
@@ -95,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> SimOptions:
     return SimOptions(
         sites=list(args.sites), rounds=args.rounds, local_iterations=args.local_iterations,
-        model=args.model, base_channels=args.base_channels, run_dir=args.run_dir, cpus_per_site=args.cpus_per_site,
+        model=args.model, base_channels=args.base_channels, spacing=args.spacing, patch_size=args.patch_size,
+        run_dir=args.run_dir, cpus_per_site=args.cpus_per_site,
         gpus_per_site=args.gpus_per_site, evaluate_every=args.evaluate_every, seed=args.seed, lr=args.lr,
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
         strategy=getattr(args, "strategy", "fedavg"), proximal_mu=getattr(args, "proximal_mu", 0.0),
-        server_lr=getattr(args, "server_lr", None),
+        server_lr=getattr(args, "server_lr", None), ray_address=getattr(args, "ray_address", None),
     )
 
 
@@ -121,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = write_comparison(runs, args.out or runs[0].run_dir / COMPARE_PNG)
             print(f"\nbar plot: {out}")
             return 0
+        if getattr(args, "ray_address", None) and _mode(args) != "federated":
+            raise ValueError("--ray-address runs the federated simulation on a Ray cluster; --local-only uses no Ray")
         result = run_mode(_mode(args), _options(args))
     except ValueError as exc:
         print(f"hermes-sim: error: {exc}", file=sys.stderr)

@@ -17,6 +17,15 @@ What :func:`run_flower_simulation` does, all inside the run directory (``<run_di
 
 The ``:local:`` connection of ``flwr`` would start a detached SuperLink on fixed ports whose process id
 the caller never learns; starting the same SuperLink here keeps it owned and stoppable.
+
+Ray: Flower's simulation process calls ``ray.init(**init_args)`` with the ``init-args-*`` of the federation
+config (only ``num-cpus``, ``num-gpus``, ``logging-level`` and ``log-to-driver`` exist: no address), so the
+address of an existing Ray cluster reaches it through ``RAY_ADDRESS`` in the environment of the processes
+started here; without one, ``RAY_ADDRESS=local`` makes Ray start a private instance even when a cluster
+started with ``ray start`` runs on this machine (plain ``ray.init()`` would join it). Ray refuses
+``num_cpus``/``num_gpus`` when it joins a cluster: :func:`run_flower_simulation` never passes
+``init-args-num-cpus`` then, and :func:`ray_cluster_nodes` reads the cluster's nodes so that the caller can
+size the sites from them.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,9 @@ CONNECTION = "hermes-sim"
 FLOWER_DIR = "flower"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+RAY_QUERY_TIMEOUT_S = 120.0
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+LOCAL_RAY = "local"  # RAY_ADDRESS value that makes ray.init start a private instance
 _NOISE = "httpx: HTTP Request"  # one line per log push of the ServerApp process: kept in the log file only
 
 
@@ -57,6 +69,73 @@ class FlowerResult:
     returncode: int
     seconds: float
     log_path: Path
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """CPUs and GPUs that one node of a Ray cluster offers (Ray's ``CPU`` and ``GPU`` resources)."""
+
+    cpus: float
+    gpus: float = 0.0
+
+
+def sites_that_fit(nodes: Sequence[RayNode], cpus_per_site: float, gpus_per_site: float) -> int:
+    """How many sites of ``cpus_per_site`` CPUs and ``gpus_per_site`` GPUs the ``nodes`` hold at once: one
+    site never spans two nodes, so each node is counted on its own (as Flower sizes its actor pool). A
+    resource asked for 0 does not limit; asking for neither fits nothing."""
+    total = 0
+    for node in nodes:
+        limits = [int(have / need + 1e-9) for have, need in ((node.cpus, cpus_per_site), (node.gpus, gpus_per_site))
+                  if need > 0]
+        total += min(limits, default=0)
+    return total
+
+
+_RAY_QUERY = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+try:
+    nodes = [{"cpus": n["Resources"].get("CPU", 0.0), "gpus": n["Resources"].get("GPU", 0.0)}
+             for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+finally:
+    ray.shutdown()
+print("HERMES-RAY-NODES " + json.dumps(nodes), flush=True)
+"""
+
+
+def ray_cluster_nodes(address: str, timeout_s: float = RAY_QUERY_TIMEOUT_S) -> list[RayNode]:
+    """The alive nodes of the Ray cluster at ``address`` with their CPUs and GPUs.
+
+    A short-lived driver in a child process connects (``ray.init(address=...)``), reads ``ray.nodes()`` and
+    disconnects: Ray's state API would need the cluster's dashboard, and a driver in this process would
+    install Ray's own SIGTERM handler and threads for the rest of the run.
+
+    Raises:
+        SimulationError: no cluster answered at ``address`` within ``timeout_s`` seconds, or it has no node.
+    """
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():  # HOST:PORT: fail at once where nothing listens (Ray would retry for a minute)
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10.0).close()
+        except OSError as exc:
+            raise SimulationError(f"no Ray cluster at {address!r}: {exc}") from None
+    env = {k: v for k, v in os.environ.items() if k != RAY_ADDRESS_ENV}
+    try:
+        done = subprocess.run([sys.executable, "-c", _RAY_QUERY, address], env=env, capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise SimulationError(f"no Ray cluster answered at {address!r} within {timeout_s:g} s") from None
+    found = [line for line in done.stdout.splitlines() if line.startswith("HERMES-RAY-NODES ")]
+    if done.returncode != 0 or not found:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise SimulationError(f"could not connect to the Ray cluster at {address!r}: {tail}")
+    nodes = [RayNode(float(n["cpus"]), float(n["gpus"])) for n in json.loads(found[-1].split(" ", 1)[1])]
+    if not nodes:
+        raise SimulationError(f"the Ray cluster at {address!r} has no alive node")
+    logger.info("Ray cluster at %s: %d node(s), %g CPUs, %g GPUs", address, len(nodes),
+                sum(n.cpus for n in nodes), sum(n.gpus for n in nodes))
+    return nodes
 
 
 def _bin(name: str) -> str:
@@ -210,18 +289,23 @@ def run_flower_simulation(
     cpus_per_site: int = 1,
     gpus_per_site: float = 0.0,
     ray_cpus: int | None = None,
+    ray_address: str | None = None,
     echo: bool = True,
 ) -> FlowerResult:
     """Run the ServerApp and ``num_supernodes`` virtual ClientApps with ``run_config`` (see module docstring).
 
     ``cpus_per_site`` is a whole number (Flower 1.42 sends it as an integer); ``ray_cpus`` tells Ray how
     many CPUs to schedule (None: the machine's), e.g. more than the machine has so that all sites run at
-    once and time-share the cores.
+    once and time-share the cores. ``ray_address``: run the virtual sites on the existing Ray cluster there
+    (``HOST:PORT`` of its head, as ``ray start --address`` takes it); None: a private Ray on this machine.
 
     Raises:
-        ValueError: bad ``num_supernodes`` / resources.
+        ValueError: bad ``num_supernodes`` / resources, or ``ray_cpus`` together with ``ray_address``.
         SimulationError: the SuperLink did not start.
     """
+    if ray_address is not None and ray_cpus is not None:
+        raise ValueError("ray_cpus sizes a private Ray instance: Ray refuses num_cpus when it joins the cluster "
+                         f"at {ray_address!r}")
     if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be an int >= 1, got {num_supernodes!r}")
     if isinstance(cpus_per_site, bool) or not isinstance(cpus_per_site, int) or cpus_per_site < 1:
@@ -242,6 +326,7 @@ def run_flower_simulation(
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_DEDUP_LOGS": "0",
+        RAY_ADDRESS_ENV: ray_address or LOCAL_RAY,  # read by ray.init in Flower's simulation process
         # the SuperLink starts flower-superexec and flwr-simulation by name: this environment's scripts first
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
@@ -252,7 +337,8 @@ def run_flower_simulation(
     ]
     log_path = logs / "flower.log"
     superlink_log = (logs / "superlink.log").open("a", encoding="utf-8")
-    logger.info("starting the Flower SuperLink (simulation) on 127.0.0.1:%d", http_port)
+    logger.info("starting the Flower SuperLink (simulation) on 127.0.0.1:%d; Ray: %s", http_port,
+                f"the cluster at {ray_address}" if ray_address else "a private instance")
     superlink = subprocess.Popen(
         superlink_cmd, env=env, cwd=str(root), stdout=superlink_log, stderr=subprocess.STDOUT,
         start_new_session=True,

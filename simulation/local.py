@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,13 @@ from client.site import RoundRequest, Site
 from hermes_model.catalog import Catalog
 from hermes_model.engine import EngineConfig, TrainEngine
 from hermes_model.exchange import NUM_EXAMPLES, StateLayout
-from hermes_model.factory import build_model, model_checkpoint
-from hermes_model.fileio import atomic_torch_save
+from hermes_model.factory import build_model
+from hermes_model.plans import Plans, catalog_digest
+from hermes_model.trained import TrainedTask
 from server.bank import PriorBank, SiteOwnership, parse_site_datasets
+from server.checkpoint import save_final_model
 from server.config import ServerConfig
-from server.runner import initial_model
+from server.runner import UNSIZED_TASK_SLOTS, decide_task_slots, initial_catalog, initial_model, model_spec, new_run_key
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class Federation:
         catalog: the catalog with the sites' new datasets registered.
         sites: the sites, by name.
         ownership: site name -> its task ids, modality rows and task map.
+        plans: the plan the server would decide (with the model's build arguments).
+        run_key: the sites' local state of this run lives under this name.
     """
 
     config: ServerConfig
@@ -67,6 +72,8 @@ class Federation:
     catalog: Catalog
     sites: dict[str, Site]
     ownership: dict[str, SiteOwnership]
+    plans: Plans
+    run_key: str
 
     def model_spec(self) -> dict[str, Any]:
         layout = StateLayout.from_model(self.model)
@@ -93,20 +100,27 @@ class Federation:
             local_iterations=iterations,
             schedule_iteration=(server_round - 1) * iterations,
             seed=self.config.seed,
+            plans=self.plans,
+            run_key=self.run_key,
         )
 
 
 def build_federation(config: ServerConfig, site_paths: Sequence[str | os.PathLike]) -> Federation:
-    """The round-0 model and catalog of ``config`` with the sites at ``site_paths`` registered."""
-    model, catalog = initial_model(config)
+    """The round-0 model, catalog and plan of ``config`` with the sites at ``site_paths`` registered, as
+    the server of a federated run decides them (the bank sized from the sites, the same seed)."""
+    catalog = initial_catalog(config)
+    sites = {s.name: s for s in (Site.from_path(p, catalog=catalog) for p in site_paths)}
+    declared = {n: parse_site_datasets(json.dumps([d.to_dict() for d in sites[n].describe()])) for n in sites}
+    admission = PriorBank(UNSIZED_TASK_SLOTS, config.modality_slots)
+    for name in sorted(sites):
+        admission.register_site(name, declared[name], catalog)
+    slots = decide_task_slots(config, catalog)
+    model = initial_model(config, slots)
     layout = StateLayout.from_model(model)
     bank = PriorBank(layout.task_slots, layout.modality_slots)
-    sites = {s.name: s for s in (Site.from_path(p, catalog=catalog) for p in site_paths)}
-    ownership = {}
-    for name in sorted(sites):
-        summaries = json.dumps([d.to_dict() for d in sites[name].describe()])
-        ownership[name] = bank.register_site(name, parse_site_datasets(summaries), catalog)
-    return Federation(config, model, catalog, sites, ownership)
+    ownership = {name: bank.register_site(name, declared[name], catalog) for name in sorted(sites)}
+    plans = config.plans().with_model(model_spec(model, config), catalog_digest(catalog.to_dict()))
+    return Federation(config, model, catalog, sites, ownership, plans, new_run_key(config))
 
 
 def _load_reply(model: nn.Module, request: RoundRequest, reply: Any) -> None:
@@ -134,11 +148,6 @@ def _evaluate_round(config: ServerConfig, server_round: int) -> bool:
     return bool(every) and (server_round % every == 0 or server_round == config.num_server_rounds)
 
 
-def save_final_model(path: Path, model: nn.Module, catalog: Catalog, **extra: Any) -> Path:
-    """Write ``model`` as a hermes-fl model checkpoint (``hermes_model.load_checkpoint``) with its catalog."""
-    return atomic_torch_save(path, model_checkpoint(model.cpu().eval(), catalog=catalog.to_dict(), **extra))
-
-
 # ----------------------------------------------------------------------------------------------- local only
 def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, float]:
     """Train every site alone (module docstring); write metric lines and ``models/<site>.pt``.
@@ -150,11 +159,12 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
     train_seconds: dict[str, float] = {}
     for name in sorted(fed.sites):
         site, model = fed.sites[name], copy.deepcopy(fed.model)
-        train_seconds[name] = 0.0
+        train_seconds[name], samples = 0.0, 0.0
         for server_round in range(1, fed.config.num_server_rounds + 1):
             request = fed.request(name, model, server_round)
             reply = site.train(request)
             train_seconds[name] += float(reply.metrics.get("train-time-s", 0.0))
+            samples += float(reply.metrics[NUM_EXAMPLES])
             _load_reply(model, request, reply)
             lines = [_line(server_round, "train", name, reply.metrics)]
             if _evaluate_round(fed.config, server_round):
@@ -162,7 +172,11 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
                 lines.append(_line(server_round, "evaluate", name, metrics))
             append_metrics(run_dir, lines)
             logger.info("local-only %s: round %d/%d done", name, server_round, fed.config.num_server_rounds)
-        save_final_model(run_dir / "models" / f"{name}.pt", model, fed.catalog, site=name, mode="local-only")
+        own = fed.ownership[name]
+        trained = {t: TrainedTask(t, samples, own.task_modalities.get(t, ()), fed.config.num_server_rounds)
+                   for t in own.task_ids}
+        save_final_model(run_dir / "models" / f"{name}.pt", model, fed.catalog, fed.plans, trained, site=name,
+                         mode="local-only")
     return train_seconds
 
 
@@ -173,7 +187,7 @@ def pooled_datasets(fed: Federation, split: str = "train") -> list[PreprocessedD
     out = []
     for name in sorted(fed.sites):
         site, own = fed.sites[name], fed.ownership[name]
-        site.ensure_preprocessed()
+        site.ensure_preprocessed(fed.plans)
         ids = site.task_ids(own.task_map)
         weights = {ds.name: ds.resolved_weights(fed.catalog)[0] for ds in site.config.datasets}
         total = sum(weights.values())
@@ -187,13 +201,10 @@ def pooled_datasets(fed: Federation, split: str = "train") -> list[PreprocessedD
 
 def _pooled_data(fed: Federation, server_round: int) -> TrainData:
     sites = [fed.sites[n] for n in sorted(fed.sites)]
-    patch = {tuple(s.config.training.patch_size) for s in sites}
-    if len(patch) != 1:
-        raise ValueError(f"centralized training needs one patch_size for all sites, got {sorted(patch)}")
     first = sites[0].config.training
     return TrainData(
         datasets=tuple(pooled_datasets(fed)),
-        patch_size=tuple(reversed(first.patch_size)),
+        patch_size=tuple(reversed(fed.plans.patch_size)),
         batch_size=sum(s.config.training.batch_size for s in sites),
         seed=fed.config.seed + first.seed,
         num_workers=first.num_workers,
@@ -215,14 +226,15 @@ def _engine_config(fed: Federation, device: torch.device) -> EngineConfig:
 
 def run_centralized(
     fed: Federation, run_dir: str | os.PathLike, devices: Sequence[torch.device] | None = None
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, float, dict[int, TrainedTask]]:
     """Train one model on the pooled training splits (module docstring); write metric lines.
 
     Args:
         devices: training devices (default: every GPU, else the CPU); several devices train with DDP.
 
     Returns:
-        The trained model (on the CPU) and the seconds of training (sum over rounds).
+        The trained model (on the CPU), the seconds of training (sum over rounds) and its trained-task
+        table (samples counted per task, modalities of the datasets holding it).
     """
     run_dir = Path(run_dir)
     devices = list(devices) if devices is not None else resolve_devices("auto")
@@ -233,6 +245,7 @@ def run_centralized(
     factory: Callable[[], nn.Module] = _Factory(spec)
     iterations, seconds = fed.config.local_iterations, 0.0
     scratch = run_dir / "centralized_state"
+    task_samples: Counter[int] = Counter()
     for server_round in range(1, fed.config.num_server_rounds + 1):
         engine.iteration = (server_round - 1) * iterations
         start = time.perf_counter()
@@ -240,6 +253,7 @@ def run_centralized(
                              scratch_dir=scratch)
         took = time.perf_counter() - start
         seconds += took
+        task_samples.update(result.task_samples)
         metrics = {NUM_EXAMPLES: result.samples, **result.metrics(), "train-time-s": took}
         lines = [_line(server_round, "train", CENTRALIZED_SITE, metrics)]
         if _evaluate_round(fed.config, server_round):
@@ -248,7 +262,13 @@ def run_centralized(
         append_metrics(run_dir, lines)
         logger.info("centralized: round %d/%d done (%.1f s)", server_round, fed.config.num_server_rounds,
                     took)
-    return engine.model.cpu().eval(), seconds
+    modalities: dict[int, set[str]] = {}
+    for own in fed.ownership.values():
+        for task, mods in own.task_modalities.items():
+            modalities.setdefault(task, set()).update(mods)
+    trained = {t: TrainedTask(t, float(n), tuple(sorted(modalities.get(t, ()))), fed.config.num_server_rounds)
+               for t, n in sorted(task_samples.items())}
+    return engine.model.cpu().eval(), seconds, trained
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ match.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -29,23 +30,32 @@ from typing import Any
 import torch
 
 from client.app import SITE_CONFIGS_KEY
-from hermes_model.catalog import Catalog
-from server.checkpoint import RunStore, load_round_checkpoint
+from server.app import RUN_STATUS_FILE
+from server.checkpoint import FINAL_MODEL, RunStore, load_round_checkpoint, save_final_model
 from server.config import ServerConfig
-from simulation.flower import run_flower_simulation
-from simulation.local import build_federation, run_centralized, run_local_only, save_final_model
+from simulation.flower import (
+    LOCAL_RAY,
+    RAY_ADDRESS_ENV,
+    RayNode,
+    ray_cluster_nodes,
+    run_flower_simulation,
+    sites_that_fit,
+)
+from simulation.local import build_federation, run_centralized, run_local_only
 from simulation.report import DiceReport, first_last_loss, format_report, read_metrics, write_run_report
 from simulation.sites import REPO_ROOT, StagedSite, demo_site_paths, stage_sites
 
 logger = logging.getLogger(__name__)
 
 MODES = ("federated", "local-only", "centralized")
-FINAL_MODEL = "final_model.pt"
-PUBLISHED_TASK_SLOTS = 72
 # demo defaults: base 8, 32^3 patches at 3 mm, 5 sites; see the README for the time and Dice measured
 DEFAULT_ROUNDS = 15
 DEFAULT_LOCAL_ITERATIONS = 20
 DEFAULT_BASE_CHANNELS = 8
+DEFAULT_SPACING = (3.0, 3.0, 3.0)  # the demo's plan: coarse enough for a 2-core CPU (the recipe: 1.5 mm)
+DEFAULT_PATCH = (32, 32, 32)  # (the recipe: 128)
+DEMO_TRAIN_MARGIN = 8
+DEMO_INTERPOLATION = "linear"
 QUICK_ROUNDS = 2
 QUICK_LOCAL_ITERATIONS = 10
 
@@ -61,6 +71,8 @@ class SimOptions:
         local_iterations: optimiser steps per site per round.
         model: the network (a name of ``hermes_model.available_models()``).
         base_channels: width of the network (Hermes-R; Hermes-M has fixed widths).
+        spacing / patch_size: the federation's plan, (x, y, z) mm and voxels (the demo's 3 mm and 32^3;
+            with a training crop margin of 8 voxels and linear resampling).
         run_dir: the run directory (default: a new folder under ``runs/``).
         cpus_per_site / gpus_per_site: resources of one virtual site (Ray); None = automatic: the
             machine's cores shared by the sites (:func:`auto_cpus_per_site`; with fewer cores than sites
@@ -76,6 +88,10 @@ class SimOptions:
         echo: copy Flower's output to the console.
         resume: continue the federated run in ``run_dir`` from its latest round checkpoint (up to
             ``rounds``), with the sites' saved state.
+        ray_address: run the virtual sites of a federated run on the existing Ray cluster at this address
+            (``HOST:PORT`` of its head); the automatic resources then come from the cluster's nodes. None:
+            the ``RAY_ADDRESS`` environment variable if set, else a private Ray on this machine; ``"local"``:
+            a private Ray whatever ``RAY_ADDRESS`` says.
     """
 
     sites: list[Path] = field(default_factory=list)
@@ -83,6 +99,8 @@ class SimOptions:
     local_iterations: int | None = None
     model: str = "hermes-r"
     base_channels: int = DEFAULT_BASE_CHANNELS
+    spacing: tuple[float, float, float] = DEFAULT_SPACING
+    patch_size: tuple[int, int, int] = DEFAULT_PATCH
     run_dir: Path | None = None
     cpus_per_site: int | None = None
     gpus_per_site: float | None = None
@@ -95,6 +113,7 @@ class SimOptions:
     quick: bool = False
     echo: bool = True
     resume: bool = False
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is None:
@@ -121,6 +140,8 @@ class SimOptions:
             raise ValueError(
                 f"gpus-per-site must be in [0, 1] (a fraction of one GPU), got {self.gpus_per_site!r}"
             )
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise ValueError(f"ray-address must be a non-empty address such as HOST:6379, got {self.ray_address!r}")
 
 
 @dataclass
@@ -147,60 +168,60 @@ def new_run_dir(mode: str, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def auto_gpus_per_site(num_sites: int) -> float:
-    """The visible GPUs shared evenly by ``num_sites`` sites (at most one GPU each; 0 without CUDA)."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
+def _this_machine() -> list[RayNode]:
+    """This machine as the one node of a private Ray instance (its cores and visible GPUs)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [RayNode(float(os.cpu_count() or 1), float(gpus))]
+
+
+def auto_gpus_per_site(num_sites: int, nodes: Sequence[RayNode] | None = None) -> float:
+    """The GPUs of ``nodes`` (None: this machine's visible GPUs) shared by ``num_sites`` sites: the largest
+    share (at most one GPU) with which every site fits on some node at once; 0 without GPUs."""
+    nodes = _this_machine() if nodes is None else nodes
+    if sum(n.gpus for n in nodes) == 0:
         return 0.0
-    share = min(1.0, count / num_sites)
+    # a fitting share is a node's GPUs split k ways; the largest one that holds every site wins
+    candidates = sorted({min(1.0, n.gpus / k) for n in nodes if n.gpus > 0 for k in range(1, num_sites + 1)},
+                        reverse=True)
+    share = next((c for c in candidates if sites_that_fit(nodes, 0, c) >= num_sites), candidates[-1])
     return math.floor(share * 100) / 100  # a little under the exact share, so every site fits
 
 
-def auto_cpus_per_site(num_sites: int) -> int:
-    """The machine's cores shared evenly by ``num_sites`` sites (at least one each)."""
-    return max(1, (os.cpu_count() or 1) // num_sites)
+def auto_cpus_per_site(num_sites: int, nodes: Sequence[RayNode] | None = None) -> int:
+    """The cores of ``nodes`` (None: this machine's) shared by ``num_sites`` sites: the most whole cores per
+    site with which every site fits on some node at once (at least one each)."""
+    if nodes is None:
+        return max(1, (os.cpu_count() or 1) // num_sites)
+    most = int(max(n.cpus for n in nodes))
+    return next((c for c in range(most, 0, -1) if sites_that_fit(nodes, c, 0.0) >= num_sites), 1)
 
 
-def ray_cpus(num_sites: int, cpus_per_site: int, gpus_per_site: float) -> int | None:
+def ray_cpus(num_sites: int, cpus_per_site: int, gpus_per_site: float, cluster: bool = False) -> int | None:
     """CPUs Ray should schedule: on a CPU-only machine with fewer cores than the sites need, enough for
     all sites at once (they time-share the cores instead of queueing, so no core idles while the last
     sites of a round train: with 5 sites on 2 cores a round is 2.5 site-times instead of 3); else None
-    (Ray's own count)."""
+    (Ray's own count). Always None on an existing ``cluster``: Ray refuses ``num_cpus`` when it joins one
+    (its sites beyond the cluster's CPUs wait for a free one)."""
     needed = num_sites * cpus_per_site
-    if gpus_per_site > 0 or needed <= (os.cpu_count() or 1):
+    if cluster or gpus_per_site > 0 or needed <= (os.cpu_count() or 1):
         return None
     return needed
 
 
 def parallel_sites(num_sites: int, cpus_per_site: int, gpus_per_site: float,
-                   scheduled_cpus: int | None = None) -> int:
-    """How many virtual sites Ray runs at the same time, given the CPUs it schedules (None: the machine's)."""
-    cpus = scheduled_cpus or os.cpu_count() or 1
-    slots = cpus // cpus_per_site
-    if gpus_per_site > 0:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        slots = min(slots, int(count / gpus_per_site))
-    return max(1, min(num_sites, slots))
-
-
-def task_slots_for(staged: Sequence[StagedSite]) -> int:
-    """Task slots that hold the catalog plus every new dataset of ``staged`` (at least the published 72).
-
-    The model accepts task ids up to ``task_slots - 2`` (one slot is the null token), so one more than
-    the number of tasks is needed, plus one spare.
-    """
-    catalog = Catalog.load()
-    for site in sorted(staged, key=lambda s: s.name):
-        for ds in site.config.datasets:
-            if ds.name not in catalog:
-                catalog.register_dataset(ds.name, ds.modality, ds.resolved_classes(catalog))
-    return max(PUBLISHED_TASK_SLOTS, catalog.num_tasks + 2)
+                   scheduled_cpus: int | None = None, nodes: Sequence[RayNode] | None = None) -> int:
+    """How many virtual sites Ray runs at the same time, on ``nodes`` (a cluster) or on this machine with
+    the CPUs Ray schedules there (``scheduled_cpus``; None: the machine's)."""
+    if nodes is None:
+        nodes = _this_machine()
+        if scheduled_cpus:
+            nodes = [RayNode(float(scheduled_cpus), nodes[0].gpus)]
+    return max(1, min(num_sites, sites_that_fit(nodes, cpus_per_site, gpus_per_site)))
 
 
 def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path) -> ServerConfig:
-    """The server settings shared by all modes: one schedule epoch per round (``iters-per-epoch`` =
-    ``local-iterations``), the schedule ending with the last round, no warm-up (the recipe's
-    epoch-wise warm-up would keep the learning rate near 0 for whole rounds of a short run)."""
+    """The server settings shared by all modes: the server's own defaults (a schedule fitted to the run,
+    a prior bank sized from the sites) with the run's length, model and plan (spacing, patch size)."""
     assert opts.rounds is not None and opts.local_iterations is not None
     server_lr = {} if opts.server_lr is None else {"server_lr": opts.server_lr}
     return ServerConfig(
@@ -215,12 +236,12 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         resume=opts.resume,
         model=opts.model,
         base_channels=opts.base_channels,
-        task_slots=task_slots_for(staged),
         seed=opts.seed,
         lr=opts.lr,
-        iters_per_epoch=opts.local_iterations,
-        total_epochs=opts.rounds,
-        warmup_epochs=0,
+        target_spacing=",".join(f"{v:g}" for v in opts.spacing),
+        patch_size=",".join(str(v) for v in opts.patch_size),
+        train_margin=DEMO_TRAIN_MARGIN,
+        interpolation=DEMO_INTERPOLATION,
         strategy=opts.strategy,
         proximal_mu=opts.proximal_mu,
         **server_lr,
@@ -239,6 +260,14 @@ def _prepare(opts: SimOptions, mode: str) -> tuple[Path, list[StagedSite], Serve
     run_dir.mkdir(parents=True, exist_ok=True)
     staged = stage_sites(opts.sites, run_dir)
     return run_dir, staged, server_config(opts, staged, run_dir)
+
+
+def read_run_status(run_dir: Path) -> dict[str, Any]:
+    """The ServerApp's ``run_status.json`` (``{}`` when it wrote none)."""
+    try:
+        return json.loads((run_dir / RUN_STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def site_lines(lines: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
@@ -316,28 +345,36 @@ def run_federated(opts: SimOptions) -> SimResult:
         RuntimeError: the run did not complete every round (see ``<run_dir>/logs/flower.log``).
     """
     run_dir, staged, config = _prepare(opts, "federated")
-    gpus = opts.gpus_per_site if opts.gpus_per_site is not None else auto_gpus_per_site(len(staged))
-    cpus = opts.cpus_per_site if opts.cpus_per_site is not None else auto_cpus_per_site(len(staged))
+    address = opts.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
+    address = None if address == LOCAL_RAY else address
+    nodes = ray_cluster_nodes(address) if address else None  # None: this machine
+    gpus = opts.gpus_per_site if opts.gpus_per_site is not None else auto_gpus_per_site(len(staged), nodes)
+    cpus = opts.cpus_per_site if opts.cpus_per_site is not None else auto_cpus_per_site(len(staged), nodes)
+    if nodes is not None and sites_that_fit(nodes, cpus, gpus) == 0:
+        raise ValueError(f"no node of the Ray cluster at {address} has {cpus} CPU(s) and {gpus:g} GPU(s) for a site "
+                         f"(nodes: {[(n.cpus, n.gpus) for n in nodes]}); lower --cpus-per-site / --gpus-per-site")
     # an explicit --cpus-per-site is taken literally: sites beyond the cores wait (less memory at once)
-    ray = ray_cpus(len(staged), cpus, gpus) if opts.cpus_per_site is None else None
+    ray = ray_cpus(len(staged), cpus, gpus, cluster=nodes is not None) if opts.cpus_per_site is None else None
     run_config: dict[str, Any] = {
         **config.to_run_config(), SITE_CONFIGS_KEY: ",".join(str(s.path) for s in staged)
     }
     result = run_flower_simulation(run_dir, run_config, len(staged), cpus_per_site=cpus,
-                                   ray_cpus=ray,
+                                   ray_cpus=ray, ray_address=address,
                                    gpus_per_site=gpus, echo=opts.echo)
+    status = read_run_status(run_dir)
     latest = RunStore(run_dir).latest_path()
     ckpt = load_round_checkpoint(latest) if latest is not None else None
-    if ckpt is None or ckpt.server_round < config.num_server_rounds:
+    if ckpt is None or ckpt.server_round < config.num_server_rounds or not (run_dir / FINAL_MODEL).is_file():
         done = 0 if ckpt is None else ckpt.server_round
+        why = f": {status['reason']}" if status.get("status") == "failed" else ""
         raise RuntimeError(
-            f"the federated run stopped after round {done} of {config.num_server_rounds} (flwr exit code "
+            f"the federated run stopped after round {done} of {config.num_server_rounds}{why} (flwr exit code "
             f"{result.returncode}); see {result.log_path}"
         )
-    save_final_model(run_dir / FINAL_MODEL, ckpt.model, ckpt.catalog, mode="federated",
-                     server_round=ckpt.server_round)
     extra = {"gpus_per_site": gpus, "cpus_per_site": cpus,
-             "parallel_sites": parallel_sites(len(staged), cpus, gpus, ray)}
+             "parallel_sites": parallel_sites(len(staged), cpus, gpus, ray, nodes)}
+    if address:
+        extra.update(ray_address=address, ray_nodes=len(nodes or []))
     summary = _summary("federated", opts, config, staged, result.seconds, extra)
     return _finish("federated", run_dir, summary)
 
@@ -358,8 +395,8 @@ def run_centralized_mode(opts: SimOptions) -> SimResult:
     run_dir, staged, config = _prepare(opts, "centralized")
     start = time.perf_counter()
     fed = build_federation(config, [s.path for s in staged])
-    model, _ = run_centralized(fed, run_dir)
-    save_final_model(run_dir / FINAL_MODEL, model, fed.catalog, mode="centralized",
+    model, _, trained = run_centralized(fed, run_dir)
+    save_final_model(run_dir / FINAL_MODEL, model, fed.catalog, fed.plans, trained, mode="centralized",
                      server_round=config.num_server_rounds)
     summary = _summary("centralized", opts, config, staged, time.perf_counter() - start,
                        {"batch_size": sum(s.config.training.batch_size for s in staged)})

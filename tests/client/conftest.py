@@ -13,7 +13,10 @@ import SimpleITK as sitk
 import yaml
 
 from hermes_model.catalog import Catalog
+from hermes_model.plans import Plans
 
+# the plan of the small synthetic sites: the recipe's spacing and intensity, 16^3 patches, crop margin 4
+SMALL_PLANS = Plans(target_spacing=(1.5, 1.5, 1.5), patch_size=(16, 16, 16), train_margin=4)
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
@@ -65,8 +68,7 @@ def write_site(tmp_path: Path) -> Callable[..., Path]:
     """``write_site(datasets, **top_level)`` writes ``site.yaml`` in ``tmp_path`` and returns its path."""
 
     def write(datasets: list[dict[str, Any]], **top: Any) -> Path:
-        body = {"site": "test-site", "work_dir": "work", "min_size": 16, "margin": 4, **top,
-                "datasets": datasets}
+        body = {"site": "test-site", "work_dir": "work", **top, "datasets": datasets}
         path = tmp_path / "site.yaml"
         path.write_text(yaml.safe_dump(body, sort_keys=False))
         return path

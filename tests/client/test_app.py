@@ -27,7 +27,10 @@ from tests.client.test_site import (
     ENGINE,
     ITERATIONS,
     MODEL,
+    PLANS,
+    RUN,
     TASK_ID,
+    VAL_CASE,
     global_weights,
     write_site,
 )
@@ -58,7 +61,8 @@ def round_content(server_round: int, wire: str = "float32", **config: Any) -> Re
         "server-round": server_round, "task_row_ids": [TASK_ID], "modality_row_ids": [0],
         "local-iterations": ITERATIONS, "schedule-iteration": (server_round - 1) * ITERATIONS, "seed": 3,
         "wire-dtype": wire, "proximal-mu": 0.0, "model": json.dumps(MODEL), "engine": json.dumps(ENGINE),
-        "task-map": json.dumps({CLASS_KEY: TASK_ID, "lits/liver": 0}), **config,
+        "task-map": json.dumps({CLASS_KEY: TASK_ID, "lits/liver": 0}), "plans": PLANS.to_json(), "run-key": RUN,
+        **config,
     }
     return RecordDict({
         "arrays": ArrayRecord({k: Array(to_wire(v, wire).numpy()) for k, v in arrays.items()}),
@@ -126,7 +130,7 @@ def forbidden_fragments(site_dir: Path) -> set[str]:
     """Case ids, file names and every folder name of the site's paths (work dir, sources, config)."""
     site = load_site(make_context({"site-config": str(site_dir / "site.yaml")}))
     fragments = set(CASES) | {"CT_image", "CT_mask", ".nii", ".npy", "cases.csv", "site.yaml", "raw", "work"}
-    for path in (site_dir, site.config.work_dir, site.config.preprocessed_dir, site.state_dir):
+    for path in (site_dir, site.config.work_dir, site.config.preprocessed_dir, site.state_dir(RUN)):
         fragments |= {p for p in path.resolve().parts if p not in ("/", "tmp")}
     fragments |= {p.name for p in site_dir.rglob("*")}  # every file and folder the site holds
     fragments -= {DATASET, "preprocessed"}  # the dataset's own name is not patient data
@@ -137,7 +141,40 @@ def assert_private(content: RecordDict, fragments: set[str]) -> None:
     for text in all_strings(content):
         leaks = sorted(f for f in fragments if f in text)
         assert not leaks, f"{leaks} found in {text!r}"
-        assert not re.search(r"[\\/]", text) or text in (CLASS_KEY, f"dice/{CLASS_KEY}"), text
+        allowed = (CLASS_KEY, f"dice/{CLASS_KEY}", f"dice-paper/{CLASS_KEY}")
+        assert not re.search(r"[\\/]", text) or text in allowed, text
+
+
+def numbers_of(value: Any) -> list[float]:
+    """Every number inside a JSON value."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_of(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_of(v)]
+    return []
+
+
+def assert_no_per_case_values(fingerprint: str, site_dir: Path) -> None:
+    """No statistic of one training case alone (its size, its foreground mean and percentiles) is among the
+    numbers of the serialised fingerprint: only aggregates over the cases leave the site."""
+    import SimpleITK as sitk
+
+    entries = json.loads(fingerprint)
+    assert [e["dataset"] for e in entries] == [DATASET] and entries[0]["cases"] == 2
+    sent = numbers_of(entries)
+    for case in (c for c in CASES if c != VAL_CASE):
+        image = sitk.ReadImage(str(site_dir / "raw" / case / "CT_image.nii.gz"))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(site_dir / "raw" / case / "CT_mask.nii.gz"))) > 0
+        voxels = sitk.GetArrayFromImage(image)[mask].astype(np.float64)
+        own = [*map(float, image.GetSize()), float(voxels.mean()), float(voxels.std()),
+               *map(float, np.percentile(voxels, (0.5, 50, 99.5)))]
+        assert list(image.GetSize()) != entries[0]["size_xyz"]
+        clashes = [v for v in own if any(abs(v - n) <= 1e-9 * max(1.0, abs(v)) for n in sent)]
+        assert not [v for v in clashes if v not in image.GetSize()], clashes
 
 
 def test_query_train_evaluate_send_nothing_identifying(site_yaml: Path) -> None:
@@ -153,6 +190,7 @@ def test_query_train_evaluate_send_nothing_identifying(site_yaml: Path) -> None:
         {"name": DATASET, "modality": "CT", "classes": {"1": "tumour"}, "num_train_cases": 2}
     ]
     assert_private(query.content, fragments)
+    assert_no_per_case_values(query.content["site"]["fingerprint"], site_yaml.parent)
 
     sent = round_content(1, wire="float16")
     reply = app(make_message(sent, "train"), context)
@@ -171,7 +209,8 @@ def test_query_train_evaluate_send_nothing_identifying(site_yaml: Path) -> None:
 
     evaluation = app(make_message(round_content(1), "evaluate"), context)
     assert list(evaluation.content) == ["metrics"]
-    expected = {"num-examples", "dice/sts_ct/tumour", "dice-mean", "eval-time-s"}
+    expected = {"num-examples", "dice/sts_ct/tumour", "dice-mean", "dice-paper/sts_ct/tumour", "dice-paper-mean",
+                "eval-time-s"}
     assert set(evaluation.content["metrics"]) == expected
     assert_private(evaluation.content, fragments)
 

@@ -32,17 +32,13 @@ def test_valid_config_resolves_paths_and_fills_defaults(
 ) -> None:
     write_csv(tmp_path / "lits.csv", [("0", "a.nii.gz", "a.nii.gz"), ("6", "b.nii.gz", "b.nii.gz")])
     lits = new_dataset(name="lits", classes=None, split="catalog", source="lits.csv")
-    path = write_site([new_dataset(), lits],
-                      work_dir="../runs/x", min_size=[32, 32, 16], target_spacing=2)
+    path = write_site([new_dataset(), lits], work_dir="../runs/x")
     config = load_site_config(path, catalog=catalog)
     assert config.work_dir == (tmp_path / ".." / "runs" / "x").resolve()
     assert config.preprocessed_dir == config.work_dir / "preprocessed"
     assert config.datasets[0].source == csv_source.resolve()
-    assert config.target_spacing == (2.0, 2.0, 2.0)
-    assert config.min_size == (32, 32, 16)
-    assert config.margin == 4 and config.interpolation == "bspline"
-    assert config.training == TrainingSettings()
-    assert config.training.patch_size == (128, 128, 128)
+    assert config.training == TrainingSettings() and config.training.threads is None
+    assert config.datasets[0].resample_label is False
     assert config.datasets[0].split == SplitSpec(val=0.2, test=0.2, seed=0)
     assert config.datasets[1].split.catalog
     assert config.datasets[1].resolved_classes(catalog) == {1: "liver", 2: "liver tumour"}
@@ -58,7 +54,7 @@ def test_defaults_of_the_spec(csv_source: Path, tmp_path: Path) -> None:
         " classes: {1: x}}\n"
     )
     config = load_site_config(tmp_path / "s.yaml")
-    assert config.target_spacing == (1.5, 1.5, 1.5) and config.margin == 20 and config.min_size == (128,) * 3
+    assert config.training.batch_size == 2 and config.training.devices == "auto"
     assert config.datasets[0].modality == "MR-T2"  # canonical spelling
     assert config.datasets[0].resolved_weights(Catalog.load()) == (1.0, 0.2)  # MR default augmentation
 
@@ -76,6 +72,7 @@ def test_all_errors_are_reported_at_once_with_file_and_key(
             new_dataset(name="sarcoma", format="nifti", ignore_values=[1]),                  # 5
         ],
         training={"patch_size": 100, "batch_sise": 2},
+        target_spacing=2,
     )
     with pytest.raises(SiteConfigError) as info:
         load_site_config(path, catalog=catalog)
@@ -91,7 +88,9 @@ def test_all_errors_are_reported_at_once_with_file_and_key(
         "datasets[4] (split_ids).split.val: unknown case ids ['zz']",
         "datasets[4] (split_ids).split.test: cases ['c'] have no label",
         "datasets[5] (sarcoma).format: unknown format 'nifti'; allowed: ['amos_ct', 'amos_mr', 'autopet',",
-        "training.patch_size: patch_size values must be divisible by 16",
+        "training.patch_size: preprocessing and patch settings are decided by the federation's plan, not by a "
+        "site: remove it here; the server sets it ('patch-size' in server.yaml)",
+        "target_spacing: preprocessing and patch settings are decided by the federation's plan",
         "training.batch_sise: Extra inputs are not permitted",
         "datasets: duplicate dataset names ['sarcoma']",
     ]
@@ -135,9 +134,10 @@ def test_split_spec_rules() -> None:
 
 
 def test_training_settings() -> None:
-    t = TrainingSettings(patch_size=[64, 96, 128], devices=[0, 1])
-    assert t.patch_size == (64, 96, 128) and t.devices == [0, 1]
-    for kwargs in ({"devices": [0, 0]}, {"devices": "gpu"}, {"batch_size": 0}, {"patch_size": [64, 64]}):
+    t = TrainingSettings(threads=2, devices=[0, 1])
+    assert t.threads == 2 and t.devices == [0, 1]
+    for kwargs in ({"devices": [0, 0]}, {"devices": "gpu"}, {"batch_size": 0}, {"threads": 0},
+                   {"patch_size": 64}):
         with pytest.raises(ValidationError):
             TrainingSettings(**kwargs)
 

@@ -18,7 +18,7 @@ from client.dataset import EpochSampler, PreprocessedDataset
 from client.local_training import RankSampler, TrainData, resolve_devices, run_iterations, train_local
 from client.site import Site
 from hermes_model.engine import EngineConfig, TrainEngine
-from tests.client.test_site import ENGINE, make_request, write_site
+from tests.client.test_site import ENGINE, RUN, make_request, write_site
 
 
 class TinyNet(nn.Module):
@@ -182,5 +182,5 @@ def test_a_site_trains_hermes_r_on_two_processes_as_on_one(tmp_path: Path) -> No
         torch.testing.assert_close(getattr(replies["two"], name), getattr(replies["one"], name),
                                    rtol=1e-4, atol=1e-5)
     assert replies["two"].metrics["loss"] == pytest.approx(replies["one"].metrics["loss"], rel=1e-4)
-    saved = torch.load(sites["two"].engine_path, weights_only=True)
-    assert saved["iteration"] == 1 and not list(sites["two"].state_dir.glob("ddp-*"))
+    saved = torch.load(sites["two"].engine_path(RUN), weights_only=True)
+    assert saved["iteration"] == 1 and not list(sites["two"].state_dir(RUN).glob("ddp-*"))

@@ -42,10 +42,10 @@ def test_a_mask_against_itself_and_against_shifted_copies(shared_data: Path) -> 
     (row,) = evaluate_case(ref, ref)
     assert row["class"] == "1" and row["ref_voxels"] == row["pred_voxels"] > 1000
     assert row["dice"] == 1.0 and row["hd95_mm"] == 0.0 and row["surface_dice"] == 1.0
-    assert row["dice_1p5mm"] == 1.0
+    assert row["dice_paper"] == 1.0
     for axis, voxels, mm in ((2, 1, 3.0), (1, -1, 3.0), (2, 2, 6.0)):
         (row,) = evaluate_case(shifted(ref, axis, voxels), ref, tolerance_mm=2.0)
-        assert 0.5 < row["dice"] < 1.0 and 0.5 < row["dice_1p5mm"] < 1.0
+        assert 0.5 < row["dice"] < 1.0 and 0.5 < row["dice_paper"] < 1.0
         assert row["hd95_mm"] == pytest.approx(mm, abs=1e-4), (axis, voxels)
         assert row["surface_dice"] < 1.0
     # a 3 mm shift is within a 3 mm tolerance everywhere
@@ -53,7 +53,7 @@ def test_a_mask_against_itself_and_against_shifted_copies(shared_data: Path) -> 
     assert row["surface_dice"] == pytest.approx(1.0)
 
 
-def test_prediction_on_another_grid_is_resampled_onto_the_reference(shared_data: Path) -> None:
+def test_prediction_on_another_grid_fails_unless_resampling_is_asked_for(shared_data: Path) -> None:
     ref = sarcoma_mask(shared_data)
     # the same mask stored flipped (rows reversed, y direction negated): identical in physical space
     array = sitk.GetArrayFromImage(ref)
@@ -62,18 +62,26 @@ def test_prediction_on_another_grid_is_resampled_onto_the_reference(shared_data:
     flipped.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
     flipped.SetOrigin(ref.TransformIndexToPhysicalPoint((0, ref.GetSize()[1] - 1, 0)))
     (row,) = evaluate_case(flipped, ref)
-    assert row["dice"] == 1.0 and row["hd95_mm"] == 0.0 and row["dice_1p5mm"] == 1.0
+    assert row["dice"] == 1.0 and row["hd95_mm"] == 0.0 and row["dice_paper"] == 1.0
     naive = like(array[:, ::-1, :], ref)  # the array alone, without its geometry
     assert evaluate_case(naive, ref)[0]["dice"] < 0.9
-    # the mask at 1.5 mm (a finer grid): nearly the same after nearest-neighbour resampling back
+    # the mask at 1.5 mm (a finer grid): refused by default, nearly the same when resampled back
     fine = sitk.Resample(ref, [s * 2 for s in ref.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
                          ref.TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, -0.25)),
                          [s / 2 for s in ref.GetSpacing()], ref.GetDirection(), 0, ref.GetPixelID())
-    assert evaluate_case(fine, ref)[0]["dice"] > 0.98
+    with pytest.raises(CaseError, match=r"grid differs from the reference's \(prediction: size \[128, 132, 118\]"):
+        evaluate_case(fine, ref)
+    assert evaluate_case(fine, ref, resample_pred=True)[0]["dice"] > 0.98
+    # another patient's mask: other size, same origin: an error naming both sizes
+    other = sitk.Image([s + 5 for s in ref.GetSize()], ref.GetPixelID())
+    other.SetSpacing(ref.GetSpacing())
+    other.SetOrigin(ref.GetOrigin())
+    with pytest.raises(CaseError, match="is it paired with the right reference"):
+        evaluate_case(other, ref)
     far = sitk.Image(ref)
     far.SetOrigin([o + 1000 for o in ref.GetOrigin()])
     with pytest.raises(CaseError, match="does not overlap the reference"):
-        evaluate_case(far, ref)
+        evaluate_case(far, ref, resample_pred=True)
 
 
 def test_paper_dice_ignores_false_positives_far_from_the_labelled_region(shared_data: Path) -> None:
@@ -82,7 +90,7 @@ def test_paper_dice_ignores_false_positives_far_from_the_labelled_region(shared_
     assert not array[:, :, :4].any()  # the tumour lies > 30 mm from the x = 0 face
     array[10:40, 10:40, :4] = 1  # a false positive near that face, outside the reference crop
     (row,) = evaluate_case(like(array, ref), ref)
-    assert row["dice"] < 0.9 and row["dice_1p5mm"] == 1.0
+    assert row["dice"] < 0.9 and row["dice_paper"] == 1.0
     assert row["hd95_mm"] > 30
 
 

@@ -11,6 +11,7 @@ copy, and a real DICOM series.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def test_batch_runs_the_good_scans_and_reports_each_bad_one_on_one_line(
 
 
 def test_modality_without_a_prior_and_tasks_outside_the_bank_stop_before_any_work(
-    tmp_path: Path, make_checkpoint: Callable[..., Path], capsys: pytest.CaptureFixture
+    tmp_path: Path, make_checkpoint: Callable[..., Path], capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     image, _ = blob_case((20, 24, 24))
     scan = tmp_path / "scan.nii.gz"
@@ -205,7 +207,7 @@ def test_modality_without_a_prior_and_tasks_outside_the_bank_stop_before_any_wor
     def error(*args: str) -> str:
         status = run(["--model", str(ckpt), "--input", str(scan), "--output", str(out), *args])
         assert status == 2
-        lines = capsys.readouterr().err.strip().splitlines()
+        lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
         assert len(lines) == 1 and (str(ckpt) in lines[0] or "--tasks" in lines[0])
         return lines[0]
 
@@ -217,15 +219,21 @@ def test_modality_without_a_prior_and_tasks_outside_the_bank_stop_before_any_wor
     with pytest.raises(SystemExit):  # argparse: unknown modality name, allowed names listed
         run(["--model", str(ckpt), "--input", str(scan), "--output", str(out), "--modality", "XR"])
     assert "allowed: ['CT', 'PET', 'MR-T1', 'MR-T2', 'cine-MR', 'MR']" in capsys.readouterr().err
-    # a server round checkpoint's bank table: only owned rows are in the bank
-    bank = {"rows": {"task": {"0": {"owners": ["site-a"]}, "1": {"owners": []}, "2": {"owners": ["site-b"]}},
-                     "modality": {"0": {"owners": ["site-a"]}, "2": {"owners": ["site-b"]}}}}
-    ckpt = make_checkpoint(toy_catalog(), extra={"server": {"bank": bank}}, name="round.pt")
-    assert "no site trained" in error("--modality", "CT", "--tasks", "toy/dark")
+    # a model's training record: task 0 trained on CT, task 2 on MR-T1, task 1 never
+    caplog.set_level(logging.INFO, logger="client.predict")
+    trained = {"0": {"samples": 40, "modalities": ["CT"]}, "2": {"samples": 20, "modalities": ["MR-T1"]}}
+    ckpt = make_checkpoint(toy_catalog(), extra={"trained_tasks": trained}, name="trained.pt")
     assert "no site trained its row 1" in error("--modality", "PET", "--tasks", "toy/bright")
-    assert run(["--model", str(ckpt), "--input", str(scan), "--output", str(out), "--modality", "MR-T1"]) == 0
-    info = json.loads((out / "scan_labels.json").read_text())
-    assert info["labels"] == {"1": "toy/bright", "2": "toy_mr/tissue"}  # the default skips untrained toy/dark
+    for modality, labels in (("MR-T1", {"1": "toy_mr/tissue"}), ("CT", {"1": "toy/bright"})):
+        assert run(["--model", str(ckpt), "--input", str(scan), "--output", str(out), "--modality",
+                    modality]) == 0
+        info = json.loads((out / "scan_labels.json").read_text())
+        assert info["labels"] == labels  # the default: the tasks trained on this modality
+        assert f"tasks: the tasks this model was trained on with {modality} scans" in caplog.text
+    # an untrained task only when named, with a warning that its prior is the random one
+    assert run(["--model", str(ckpt), "--input", str(scan), "--output", str(out), "--modality", "CT",
+                "--tasks", "toy/dark"]) == 0
+    assert "['toy/dark'] were never trained in this model" in caplog.text
 
 
 def test_unusable_model_and_missing_input_are_one_line_errors(
@@ -237,13 +245,13 @@ def test_unusable_model_and_missing_input_are_one_line_errors(
     scan = tmp_path / "scan.nii.gz"
     sitk.WriteImage(make_image(image, (1.5,) * 3), str(scan))
     good = make_checkpoint(toy_catalog())
-    for model, inp, needle in ((bad, scan, "cannot load the checkpoint"),
+    for model, inp, needle in ((bad, scan, "is not a model checkpoint"),
                                (tmp_path / "missing.pt", scan, "no such checkpoint file"),
                                (good, tmp_path / "nothing", "no such file or folder")):
         assert run(["--model", str(model), "--input", str(inp), "--modality", "CT",
                     "--output", str(tmp_path / "o")]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0]
+        assert len(lines) == 1 and needle in lines[0] and "weights_only=False" not in lines[0]
 
 
 # ----------------------------------------------------------------------------------- real data: geometry

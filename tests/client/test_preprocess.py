@@ -23,7 +23,6 @@ from client.cli import main as cli_main
 from client.config import SplitSpec, load_site_config
 from client.formats import CaseSpec
 from client.preprocess import (
-    CT_CLIP,
     CaseError,
     CaseOutcome,
     PreprocessSettings,
@@ -37,7 +36,9 @@ from client.preprocess import (
     restore_to_original,
 )
 from hermes_model.catalog import Catalog
-from tests.client.conftest import blob_case, make_image, write_csv
+from hermes_model.plans import CT_WINDOW as CT_CLIP
+from hermes_model.plans import Plans
+from tests.client.conftest import SMALL_PLANS, blob_case, make_image, write_csv
 
 SETTINGS = PreprocessSettings(modality="CT", classes=(1, 2), target_spacing=(1.5, 1.5, 1.5), margin=2,
                               min_size=(16, 16, 16))
@@ -123,7 +124,7 @@ def test_intensity_schemes() -> None:
     rng = np.random.default_rng(0)
     ct = rng.uniform(-3000, 3000, (10, 10, 10)).astype(np.float32)
     out, info = normalise_intensity(ct, "CT")
-    assert info["clip"] == [-991.0, 500.0] and info["scheme"] == "ct"
+    assert info["clip"] == [-991.0, 500.0] and info["scheme"] == "window"
     clipped = np.clip(ct, -991, 500)
     np.testing.assert_allclose(out, (clipped - clipped.mean()) / clipped.std(), atol=1e-5)
     assert abs(float(out.mean())) < 1e-5 and abs(float(out.std()) - 1) < 1e-4
@@ -167,13 +168,25 @@ def test_all_background_label_warns_and_keeps_the_whole_image(tmp_path: Path) ->
     assert meta["crop_zyx"] == [[0, 10], [0, 20], [0, 24]] and not gt.any() and meta["labelled"]
 
 
-def test_label_on_another_grid_is_resampled_in_physical_space(tmp_path: Path) -> None:
+def test_label_on_another_grid_fails_naming_both_geometries(tmp_path: Path) -> None:
+    # another patient's label: other size, same origin and spacing
+    image, label = blob_case((16, 24, 24))
+    other, other_label = blob_case((16, 24, 30), seed=3)
+    case = write_pair(tmp_path, "c", make_image(image, (1.5,) * 3), make_image(other_label, (1.5,) * 3))
+    outcome = preprocess_case(case, SETTINGS, tmp_path / "out")
+    assert outcome.status == "failed"
+    assert "label's geometry differs from the image's" in outcome.reason
+    assert "size [24, 24, 16]" in outcome.reason and "size [30, 24, 16]" in outcome.reason
+    assert "resample_label: true" in outcome.reason and not list((tmp_path / "out").glob("c*"))
+
+
+def test_label_on_another_grid_is_resampled_in_physical_space_when_asked(tmp_path: Path) -> None:
     image, label = blob_case((16, 24, 24))
     full = make_image(label, (1.5,) * 3, (3, 4, 5))
     sub = full[2:22, 3:20, 1:15]  # a sub-box of the label grid (its origin moves), foreground inside it
     assert sub.GetOrigin() != full.GetOrigin() and int(sitk.GetArrayFromImage(sub).sum()) == int(label.sum())
     case = write_pair(tmp_path, "c", make_image(image, (1.5,) * 3, (3, 4, 5)), sub)
-    outcome = preprocess_case(case, SETTINGS, tmp_path / "out")
+    outcome = preprocess_case(case, dataclasses.replace(SETTINGS, resample_label=True), tmp_path / "out")
     assert outcome.status == "done"
     assert any("label resampled onto the image grid" in w for w in outcome.warnings)
     restored = restore_to_original(np.load(tmp_path / "out" / "c_gt.npy"), tmp_path / "out" / "c.json")
@@ -183,7 +196,7 @@ def test_label_on_another_grid_is_resampled_in_physical_space(tmp_path: Path) ->
 def test_label_that_does_not_overlap_is_rejected(tmp_path: Path) -> None:
     image, label = blob_case()
     case = write_pair(tmp_path, "c", make_image(image), make_image(label, origin=(0, 0, 1000)))
-    outcome = preprocess_case(case, SETTINGS, tmp_path / "out")
+    outcome = preprocess_case(case, dataclasses.replace(SETTINGS, resample_label=True), tmp_path / "out")
     assert outcome.status == "failed"
     assert "do not overlap in physical space" in outcome.reason and "label spans" in outcome.reason
 
@@ -233,8 +246,8 @@ def synthetic_site(tmp_path: Path, write_site: Callable[..., Path]) -> Path:
 
 def test_site_run_writes_dataset_json_and_resumes(synthetic_site: Path, catalog: Catalog) -> None:
     config = load_site_config(synthetic_site, catalog=catalog)
-    report = preprocess_site(config, progress=False, catalog=catalog)
-    assert report.ok and len(report.done) == 6
+    report = preprocess_site(config, SMALL_PLANS, progress=False, catalog=catalog)
+    assert report.ok and len(report.done) == 6 and not report.warnings
     out = config.preprocessed_dir / "syn"
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["dataset"] == "syn" and meta["modality"] == "CT" and meta["modality_id"] == 0
@@ -245,7 +258,8 @@ def test_site_run_writes_dataset_json_and_resumes(synthetic_site: Path, catalog:
     assert len(meta["splits"]["val"]) == 1 and len(meta["splits"]["test"]) == 1
     assert "p5" in meta["splits"]["train"]  # unlabelled
     assert meta["sample_weight"] == 1.0 and meta["intensity_aug_prob"] == 0.1
-    assert meta["target_spacing"] == [1.5] * 3
+    assert meta["target_spacing"] == [1.5] * 3 and meta["plans"] == json.loads(
+        json.dumps(SMALL_PLANS.preprocessing("CT")))
     fg = meta["fingerprint"]["foreground_intensity"]
     assert 40 < fg["mean"] < 140 and fg["n_voxels"] > 0  # soft tissue (40) and lesion (140) HU, not air
     assert meta["fingerprint"]["spacing_xyz"]["median"] == [1.5, 1.5, 2.0]
@@ -253,23 +267,23 @@ def test_site_run_writes_dataset_json_and_resumes(synthetic_site: Path, catalog:
     assert json.loads((config.preprocessed_dir / "report.json").read_text())["counts"] == {
         "done": 6, "skipped": 0, "failed": 0}
 
-    again = preprocess_site(config, progress=False, catalog=catalog)
+    again = preprocess_site(config, SMALL_PLANS, progress=False, catalog=catalog)
     assert len(again.skipped) == 6 and not again.done
     (out / "p2.json").unlink()  # as if a crash hit p2 after its arrays were written
     image, label = blob_case((11, 20, 22), seed=9)  # new content for p1
     sitk.WriteImage(make_image(image, (1.5, 1.5, 2.0)), str(synthetic_site.parent / "raw" / "p1.nii.gz"))
-    third = preprocess_site(config, progress=False, catalog=catalog)
+    third = preprocess_site(config, SMALL_PLANS, progress=False, catalog=catalog)
     assert sorted(o.case_id for o in third.done) == ["p1", "p2"] and len(third.skipped) == 4
-    config.margin = 3  # a setting changed: everything re-runs
-    assert len(preprocess_site(config, progress=False, catalog=catalog).done) == 6
+    wider = dataclasses.replace(SMALL_PLANS, train_margin=3)  # the plan changed: everything re-runs
+    assert len(preprocess_site(config, wider, progress=False, catalog=catalog).done) == 6
 
 
 def test_two_workers_give_the_same_arrays(synthetic_site: Path, catalog: Catalog, tmp_path: Path) -> None:
     config = load_site_config(synthetic_site, catalog=catalog)
-    one = preprocess_site(config, workers=1, progress=False, catalog=catalog)
+    one = preprocess_site(config, SMALL_PLANS, workers=1, progress=False, catalog=catalog)
     first = {p.name: np.load(p) for p in (config.preprocessed_dir / "syn").glob("*.npy")}
     config.work_dir = tmp_path / "work2"
-    two = preprocess_site(config, workers=2, progress=False, catalog=catalog)
+    two = preprocess_site(config, SMALL_PLANS, workers=2, progress=False, catalog=catalog)
     assert one.ok and two.ok and len(two.done) == 6
     for name, array in first.items():
         np.testing.assert_array_equal(np.load(config.preprocessed_dir / "syn" / name), array)
@@ -330,8 +344,10 @@ def test_real_failures_are_reported_and_the_rest_done(
              ("STS_006", sts / "STS_006" / "CT_image.nii.gz", sts / "STS_006" / "CT_mask.nii.gz")]
     write_csv(tmp_path / "cases.csv", rows)
     site = write_site([{"name": "sts", "modality": "CT", "format": "csv", "source": "cases.csv",
-                        "classes": {1: "tumour"}, "split": {"val": 0, "test": 0}}], min_size=16, margin=2)
-    assert cli_main(["preprocess", "--site", str(site), "--no-progress"]) == 1
+                        "classes": {1: "tumour"}, "split": {"val": 0, "test": 0}}])
+    plans = tmp_path / "plans.json"
+    plans.write_text(Plans(patch_size=16, train_margin=2).to_json())
+    assert cli_main(["preprocess", "--site", str(site), "--plans", str(plans), "--no-progress"]) == 1
     printed = capsys.readouterr().out
     assert "2 done, 0 skipped (up to date), 3 failed" in printed
     report = json.loads((tmp_path / "work" / "preprocessed" / "report.json").read_text())
@@ -339,7 +355,7 @@ def test_real_failures_are_reported_and_the_rest_done(
     assert set(reasons) == {"garbage", "truncated", "moved"} and report["ok"] is False
     assert "garbage.nii.gz" in reasons["garbage"] and "corrupt" in reasons["garbage"]
     assert "truncated.nii.gz" in reasons["truncated"] and "truncated" in reasons["truncated"]
-    assert "do not overlap" in reasons["moved"]
+    assert "geometry differs" in reasons["moved"] and "origin" in reasons["moved"]
     meta = json.loads((tmp_path / "work" / "preprocessed" / "sts" / "dataset.json").read_text())
     assert meta["cases"] == ["STS_002", "STS_006"] and meta["splits"]["train"] == ["STS_002", "STS_006"]
 
@@ -452,9 +468,9 @@ def test_real_dicom_series(shared_data: Path, tmp_path: Path, write_site: Callab
     for f in files[:9] + files[10:]:
         shutil.copy(f, tmp_path / "dicom" / "gap" / f.name)
     site = write_site([{"name": "ctdicom", "modality": "CT", "format": "dicom", "source": "dicom",
-                        "classes": {1: "x"}}], min_size=16)
+                        "classes": {1: "x"}}])
     config = load_site_config(site, catalog=catalog)
-    report = preprocess_site(config, progress=False, catalog=catalog)
+    report = preprocess_site(config, SMALL_PLANS, progress=False, catalog=catalog)
     assert [o.case_id for o in report.done] == ["ct1"]
     assert [o.case_id for o in report.failed] == ["gap"] and "not evenly spaced" in report.failed[0].reason
     img, gt, meta = load_case(config.preprocessed_dir / "ctdicom", "ct1")

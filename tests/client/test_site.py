@@ -13,9 +13,15 @@ import pytest
 import torch
 import yaml
 
+from client.evaluate import evaluate
+from client.predict import predict
 from client.site import ProtocolError, RoundRequest, Site
-from hermes_model import build_model
+from hermes_model import build_model, model_checkpoint
+from hermes_model.catalog import Catalog
 from hermes_model.exchange import StateLayout
+from hermes_model.fileio import atomic_torch_save
+from hermes_model.plans import Plans
+from hermes_model.trained import PLANS_KEY
 
 IBSI_STS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ibsi_sts"
 CASES = ("STS_002", "STS_003", "STS_006")
@@ -25,6 +31,8 @@ TASK_ID = 5
 MODEL = {"name": "hermes-r", "base_channels": 8, "task_slots": 8, "modality_slots": 6}
 ENGINE = {"optimizer": "lamb", "lr": 2e-3, "warmup_epochs": 0, "total_epochs": 10, "iters_per_epoch": 2}
 ITERATIONS, BATCH = 2, 2
+PLANS = Plans(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32), train_margin=2, interpolation="linear")
+RUN = "run-a"
 
 
 def write_site(root: Path, **training: Any) -> Path:
@@ -40,10 +48,10 @@ def write_site(root: Path, **training: Any) -> Path:
         lines.append(f"{case},raw/{case}/CT_image.nii.gz,raw/{case}/CT_mask.nii.gz")
     (root / "cases.csv").write_text("\n".join(lines) + "\n")
     body = {
-        "site": "sarcoma-test", "work_dir": "work", "target_spacing": 4.0, "margin": 2, "min_size": 32,
+        "site": "sarcoma-test", "work_dir": "work",
         "datasets": [{"name": DATASET, "modality": "CT", "format": "csv", "source": "cases.csv",
                       "classes": {1: "tumour"}, "split": {"val": [VAL_CASE], "test": []}}],
-        "training": {"devices": "cpu", "batch_size": BATCH, "patch_size": 32, "local_iterations": ITERATIONS,
+        "training": {"devices": "cpu", "batch_size": BATCH, "local_iterations": ITERATIONS,
                      "num_workers": 0, "bf16": False, **training},
     }
     path = root / "site.yaml"
@@ -73,6 +81,8 @@ def make_request(server_round: int = 1, seed: int = 0, **overrides: Any) -> Roun
         local_iterations=ITERATIONS,
         schedule_iteration=(server_round - 1) * ITERATIONS,
         seed=0,
+        plans=PLANS,
+        run_key=RUN,
     )
     values.update(overrides)
     return RoundRequest(**values)
@@ -90,9 +100,12 @@ def test_describe_then_preprocess_on_first_use(tmp_path: Path) -> None:
     summary = [s.to_dict() for s in site.describe()]  # from the config's split: no preprocessing needed
     assert summary == [{"name": DATASET, "modality": "CT", "classes": {"1": "tumour"}, "num_train_cases": 2}]
     assert not site.config.preprocessed_dir.exists()
-    assert site.ensure_preprocessed() is True
+    assert site.ensure_preprocessed(PLANS) is True
     assert (site.config.preprocessed_dir / DATASET / "dataset.json").is_file()
-    assert site.ensure_preprocessed() is False
+    assert site.ensure_preprocessed(PLANS) is False
+    assert json.loads((site.config.work_dir / "plans.json").read_text()) == PLANS.to_dict()
+    # another plan (here a wider training crop) re-preprocesses the cases it changes
+    assert site.ensure_preprocessed(Plans(target_spacing=4.0, patch_size=32, train_margin=3)) is True
     assert [s.to_dict() for s in site.describe()] == summary
     assert site.task_ids({CLASS_KEY: 7}) == {DATASET: (7,)}
     with pytest.raises(ProtocolError, match="task-map has no task id for \\['sts_ct/tumour'\\]"):
@@ -123,7 +136,7 @@ def test_two_training_rounds(site: Site) -> None:
     assert reply.metrics["num-examples"] == ITERATIONS * BATCH
     assert all(math.isfinite(v) for v in reply.metrics.values())
     assert not torch.equal(reply.backbone, request.backbone)  # it trained
-    saved = torch.load(site.engine_path, weights_only=True)
+    saved = torch.load(site.engine_path(RUN), weights_only=True)
     assert saved["iteration"] == ITERATIONS and saved["proximal_reference"] is None
     assert saved["optimizer"]["param_groups"][0]["step"] == ITERATIONS
     assert torch.equal(layout.backbone(saved["model"]), reply.backbone)
@@ -132,7 +145,7 @@ def test_two_training_rounds(site: Site) -> None:
     second = make_request(2, seed=1, wire_dtype="float16", proximal_mu=0.1)
     reply2 = site.train(second)
     assert reply2.backbone.dtype == reply2.task_rows.dtype == reply2.modality_rows.dtype == torch.float16
-    saved = torch.load(site.engine_path, weights_only=True)
+    saved = torch.load(site.engine_path(RUN), weights_only=True)
     assert saved["iteration"] == 2 * ITERATIONS
     assert saved["optimizer"]["param_groups"][0]["step"] == 2 * ITERATIONS
     reference = saved["proximal_reference"]  # the received weights
@@ -140,8 +153,16 @@ def test_two_training_rounds(site: Site) -> None:
     assert torch.equal(layout.task_rows({**saved["model"], **reference}, [TASK_ID]), second.task_rows)
     drift = (reply2.backbone.float() - second.backbone).abs().max()
     assert 0 < drift < (reply.backbone - second.backbone).abs().max()  # trained from the received weights
-    history = [json.loads(line) for line in (site.state_dir / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (site.state_dir(RUN) / "history.jsonl").read_text().splitlines()]
     assert [(h["kind"], h["round"]) for h in history][-2:] == [("train", 1), ("train", 2)]
+
+    # another run with the same site config starts clean: no optimiser moments, its own history
+    site.train(make_request(1, run_key="run-b"))
+    fresh = torch.load(site.engine_path("run-b"), weights_only=True)
+    assert fresh["optimizer"]["param_groups"][0]["step"] == ITERATIONS
+    other = [json.loads(line) for line in (site.state_dir("run-b") / "history.jsonl").read_text().splitlines()]
+    assert [(h["kind"], h["round"]) for h in other] == [("train", 1)]
+    assert torch.load(site.engine_path(RUN), weights_only=True)["iteration"] == 2 * ITERATIONS  # untouched
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -163,20 +184,45 @@ def test_bad_tensors_are_protocol_errors(site: Site) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-def test_evaluate_reports_dice_of_the_received_weights(site: Site) -> None:
+def _export(request: RoundRequest, path: Path) -> Path:
+    """The request's weights as a model file carrying the plan (what a run hands to its users)."""
+    model = build_model(MODEL["name"], **{k: v for k, v in MODEL.items() if k != "name"})
+    state = model.state_dict()
+    layout = StateLayout.from_state_dict(state)
+    layout.load_backbone(state, request.backbone)
+    layout.load_task_rows(state, request.task_row_ids, request.task_rows)
+    layout.load_modality_rows(state, request.modality_row_ids, request.modality_rows)
+    catalog = Catalog.from_dict({"datasets": {DATASET: {"modality": "CT", "task_ids": [TASK_ID],
+                                                         "classes": {1: "tumour"}}}})
+    return atomic_torch_save(path, model_checkpoint(model, catalog=catalog.to_dict(), **{PLANS_KEY: PLANS.to_dict()}))
+
+
+def test_evaluate_is_hermes_predict_then_hermes_evaluate_on_the_whole_scan(site: Site, tmp_path: Path) -> None:
     metrics = site.evaluate(make_request(1))
-    assert set(metrics) == {"num-examples", "dice/sts_ct/tumour", "dice-mean", "eval-time-s"}
-    assert metrics["num-examples"] == 1
-    assert 0.0 <= metrics["dice/sts_ct/tumour"] <= 1.0
-    assert metrics["dice-mean"] == metrics["dice/sts_ct/tumour"]
-    # the received weights decide: with the last layer of the task-kernel MLP zeroed every logit is 0, every
-    # probability 0.5 >= threshold, so the prediction is the whole volume and Dice = 2|R| / (|V| + |R|)
-    layout, state = global_weights()
-    last = "out.classifier_pred.1.fc2"
-    state = {**state, **{f"{last}.{p}": torch.zeros_like(state[f"{last}.{p}"]) for p in ("weight", "bias")}}
-    everything = site.evaluate(make_request(1, backbone=layout.backbone(state)))
-    (val,) = site.open_datasets({CLASS_KEY: TASK_ID}, "val")
-    label = val.label(0)
-    ref, total = float((label == 1).sum()), float(label.size)
-    # (MONAI computes Dice in float32)
-    assert everything["dice/sts_ct/tumour"] == pytest.approx(2 * ref / (total + ref), rel=1e-6)
+    assert set(metrics) == {"num-examples", "dice/sts_ct/tumour", "dice-mean", "dice-paper/sts_ct/tumour",
+                            "dice-paper-mean", "eval-time-s"}
+    assert metrics["num-examples"] == 1 and metrics["dice-mean"] == metrics["dice/sts_ct/tumour"]
+    # the same weights through the user's path, on the raw validation scan: the same Dice, exactly
+    for seed in (0, 1):
+        request = make_request(1, seed=seed)
+        from_site = site.evaluate(request)
+        model = _export(request, tmp_path / f"model{seed}.pt")
+        raw = site.config.work_dir.parent / "raw" / VAL_CASE
+        out = tmp_path / f"pred{seed}.nii.gz"
+        assert predict(model, raw / "CT_image.nii.gz", out, "CT", "sts_ct", device="cpu", progress=False)[0].ok
+        scored = evaluate(out, raw / "CT_mask.nii.gz", tmp_path / "eval.csv", {"tumour": 1}, progress=False)
+        assert scored.rows[0]["dice"] == pytest.approx(from_site["dice/sts_ct/tumour"], abs=1e-12)
+        assert scored.rows[0]["dice_paper"] == pytest.approx(from_site["dice-paper/sts_ct/tumour"], abs=1e-12)
+    assert from_site["dice-mean"] != metrics["dice-mean"]  # the received weights decide
+
+
+def test_validation_scans_are_preprocessed_without_the_label(site: Site) -> None:
+    site.ensure_preprocessed(PLANS)
+    folder = site.config.preprocessed_dir / DATASET
+    val = json.loads((folder / f"{VAL_CASE}.json").read_text())
+    train = json.loads((folder / "STS_002.json").read_text())
+    assert val["crop_rule"] == "above-minimum" and train["crop_rule"] == "label-box"
+    # the validation crop is the box of the image above its minimum: no label voxel decides it
+    full = [[0, n] for n in reversed(val["resampled"]["size_xyz"])]
+    assert val["crop_zyx"] != train["crop_zyx"] and all(
+        lo >= f[0] and hi <= f[1] for (lo, hi), f in zip(val["crop_zyx"], full, strict=True))

@@ -31,6 +31,7 @@ import yaml
 
 from client.launch import SuperNodeHandle, start_supernode
 from hermes_model.daemon_env import MALLOC_ARENAS
+from hermes_model.plans import Plans
 from server.checkpoint import RunStore
 from server.cli import write_keys
 from server.config import ServerConfig
@@ -44,6 +45,7 @@ ROGUE = "rogue"
 # round on a busy 2-core machine.
 ROUND_TIMEOUT_S = 600.0
 RUN_TIMEOUT_S = 900.0
+PLAN = Plans(target_spacing=4.0, patch_size=32, train_margin=2)  # the server_config's plan settings
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,8 @@ def free_port() -> int:
 
 
 def write_site(root: Path, name: str, cases: tuple[str, ...], **extra: Any) -> Path:
-    """A tiny site in ``root``: copies of ``cases`` (sarcoma CT), 32^3 patches, one local iteration."""
+    """A tiny site in ``root``: copies of ``cases`` (sarcoma CT), one local iteration (the plan of these
+    tests, :data:`PLAN`, is the server's: 4 mm, 32^3 patches)."""
     if not IBSI_STS.is_dir():
         pytest.skip(f"sarcoma data not found at {IBSI_STS} (the 'shared' folder beside the repo)")
     lines = ["case,image,label"]
@@ -82,10 +85,10 @@ def write_site(root: Path, name: str, cases: tuple[str, ...], **extra: Any) -> P
         lines.append(f"{case},raw/{case}/CT_image.nii.gz,raw/{case}/CT_mask.nii.gz")
     (root / "cases.csv").write_text("\n".join(lines) + "\n")
     body = {
-        "site": name, "work_dir": "work", "target_spacing": 4.0, "margin": 2, "min_size": 32, **extra,
+        "site": name, "work_dir": "work", **extra,
         "datasets": [{"name": f"sts_{name.replace('-', '_')}", "modality": "CT", "format": "csv",
                       "source": "cases.csv", "classes": {1: "tumour"}, "split": {"val": 0.0, "test": 0.0}}],
-        "training": {"devices": "cpu", "batch_size": 1, "patch_size": 32, "local_iterations": 1,
+        "training": {"devices": "cpu", "batch_size": 1, "local_iterations": 1,
                      "num_workers": 0, "bf16": False},
     }
     path = root / "site.yaml"
@@ -98,7 +101,7 @@ def preprocess(site_yaml: Path) -> None:
     from client.config import load_site_config
     from client.preprocess import preprocess_site
 
-    assert preprocess_site(load_site_config(site_yaml), progress=False).ok
+    assert preprocess_site(load_site_config(site_yaml), PLAN, progress=False).ok
 
 
 def server_config(run_dir: Path, **overrides: Any) -> ServerConfig:
@@ -106,7 +109,8 @@ def server_config(run_dir: Path, **overrides: Any) -> ServerConfig:
         num_server_rounds=2, min_sites=3, min_sites_per_round=2, local_iterations=1, evaluate_every=0,
         base_channels=8, task_slots=80, start_timeout_s=300.0, query_timeout_s=300.0,
         round_timeout_s=ROUND_TIMEOUT_S, poll_interval_s=0.5, warmup_epochs=0, total_epochs=10,
-        iters_per_epoch=2, run_dir=str(run_dir), keep_checkpoints=0,
+        iters_per_epoch=2, run_dir=str(run_dir), keep_checkpoints=0, target_spacing=4.0, patch_size=32,
+        train_margin=2,
     )
     values.update(overrides)
     return ServerConfig(**values)

@@ -7,6 +7,8 @@ import torch
 from hermes_model import build_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"
+# The shared, read-only spec folder next to the checkout: it holds the float64 golden vectors.
+SPEC = Path(__file__).resolve().parents[2] / ".." / "shared" / "spec"
 
 
 def read_manifest(name: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -37,3 +39,12 @@ def golden_model() -> torch.nn.Module:
 def golden_inputs(golden: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.from_numpy(golden["x"]), torch.from_numpy(golden["task_ids"]),
             torch.from_numpy(golden["modality_ids"]))
+
+
+def load_spec_golden(name: str) -> dict[str, np.ndarray]:
+    """Arrays of ``../shared/spec/<name>`` (relative to the repository root); skips the test when absent."""
+    path = SPEC / name
+    if not path.is_file():
+        pytest.skip(f"{name} not found in {SPEC.resolve()} (the shared spec folder next to the checkout)")
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}

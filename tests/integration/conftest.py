@@ -60,8 +60,12 @@ class SiteData:
     val: tuple[str, ...] = ()
 
 
+PLAN_SETTINGS = {"target_spacing": 4.0, "patch_size": 32, "train_margin": 2}
+
+
 def write_site(root: Path, shared: Path, name: str, data: SiteData, **training: Any) -> Path:
-    """A site ``name`` in ``root`` (csv format, 4 mm, min size 32, 32^3 patches on the CPU); its yaml."""
+    """A site ``name`` in ``root`` (csv format, CPU training); its yaml. The plan of these tests is
+    :data:`PLAN_SETTINGS` (4 mm, 32^3 patches, crop margin 2), set in the server config."""
     root.mkdir(parents=True, exist_ok=True)
     lines = ["case,image,label"]
     for case in data.cases:
@@ -72,10 +76,10 @@ def write_site(root: Path, shared: Path, name: str, data: SiteData, **training: 
         lines.append(f"{case},raw/{case}/{data.files[0]},raw/{case}/{data.files[1]}")
     (root / "cases.csv").write_text("\n".join(lines) + "\n")
     body = {
-        "site": name, "work_dir": "work", "target_spacing": 4.0, "margin": 2, "min_size": 32,
+        "site": name, "work_dir": "work",
         "datasets": [{"name": data.dataset, "modality": data.modality, "format": "csv", "source": "cases.csv",
                       "classes": dict(data.classes), "split": {"val": list(data.val), "test": []}}],
-        "training": {"devices": "cpu", "batch_size": 1, "patch_size": 32, "num_workers": 0, "bf16": False,
+        "training": {"devices": "cpu", "batch_size": 1, "num_workers": 0, "bf16": False,
                      **training},
     }
     path = root / "site.yaml"

@@ -58,7 +58,7 @@ from server.checkpoint import RunStore
 from server.config import ServerConfig
 from server.local_grid import LocalGrid
 from server.runner import initial_model, run_federation
-from tests.integration.conftest import STS_CT, SiteData, write_site
+from tests.integration.conftest import PLAN_SETTINGS, STS_CT, SiteData, write_site
 
 ROUNDS, TOLERANCE = 2, 1e-5
 # Float32 rounding is the only difference: a conv weight gradient computed on the batch of 4 differs from
@@ -80,7 +80,7 @@ def _config(tmp_path: Path) -> ServerConfig:
         strategy="fedavg", weighting="samples", wire_dtype="float32", reply_codec="xor-zstd",
         base_channels=8, task_slots=73, modality_slots=6, seed=5, keep_checkpoints=0,
         optimizer="sgd", lr=LR, weight_decay=0.0, warmup_epochs=0, total_epochs=10, iters_per_epoch=1,
-        run_dir=str(tmp_path / "run"),
+        run_dir=str(tmp_path / "run"), **PLAN_SETTINGS,
     )
 
 
@@ -141,7 +141,7 @@ def test_federated_sgd_equals_centralized_sgd_on_the_union(
     # the centralized reference: same initial model, one step per round on the union batch
     store = RunStore(config.run_dir)
     federated = [load_checkpoint(store.round_files()[r]).model.state_dict() for r in range(1, ROUNDS + 1)]
-    model, _ = initial_model(config)
+    model = initial_model(config)
     engine = TrainEngine(model, EngineConfig.from_dict(config.engine_config()), "cpu")
     previous = {k: v.clone() for k, v in model.state_dict().items()}
     diffs: dict[str, float] = {}

@@ -16,7 +16,7 @@ from server.app import app as server_app
 from server.checkpoint import RunStore
 from server.config import ServerConfig
 from server.local_grid import LocalGrid
-from tests.integration.conftest import STS_CT, SiteData, write_site
+from tests.integration.conftest import PLAN_SETTINGS, STS_CT, SiteData, write_site
 
 SITE = SiteData("sts_ct", "CT", {1: "tumour"}, "ibsi_sts", STS_CT, ("STS_019", "STS_025"), val=("STS_025",))
 
@@ -27,7 +27,7 @@ def test_two_rounds_with_hermes_m(tmp_path: Path, shared_data: Path) -> None:
         model="hermes-m", num_server_rounds=2, min_sites=1, min_sites_per_round=1, start_timeout_s=10,
         query_timeout_s=60, round_timeout_s=600, poll_interval_s=0.01, local_iterations=1, evaluate_every=2,
         task_slots=80, modality_slots=6, seed=1, keep_checkpoints=0, warmup_epochs=0, total_epochs=4,
-        iters_per_epoch=1, run_dir=str(tmp_path / "run"),
+        iters_per_epoch=1, run_dir=str(tmp_path / "run"), **PLAN_SETTINGS,
     )
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=config.to_run_config())

@@ -30,7 +30,15 @@ from server.checkpoint import RunStore, load_round_checkpoint
 from server.config import ServerConfig
 from server.local_grid import LocalGrid
 from server.runner import initial_model
-from tests.integration.conftest import BRATS_CLASSES, BRATS_FLAIR, STS_CT, STS_MR_T1, SiteData, write_site
+from tests.integration.conftest import (
+    BRATS_CLASSES,
+    BRATS_FLAIR,
+    PLAN_SETTINGS,
+    STS_CT,
+    STS_MR_T1,
+    SiteData,
+    write_site,
+)
 
 SITES = {
     31: ("brats-site", SiteData("brats2013", "MR-T2", BRATS_CLASSES, "brats2013", BRATS_FLAIR,
@@ -51,6 +59,7 @@ def _config(tmp_path: Path) -> ServerConfig:
         round_timeout_s=600, poll_interval_s=0.01, local_iterations=ITERATIONS, evaluate_every=ROUNDS,
         base_channels=8, task_slots=TASK_SLOTS, modality_slots=6, seed=3, keep_checkpoints=0,
         warmup_epochs=0, total_epochs=4, iters_per_epoch=ITERATIONS, run_dir=str(tmp_path / "run"),
+        **PLAN_SETTINGS,
     )
 
 
@@ -94,7 +103,7 @@ def test_two_rounds_of_three_real_sites(tmp_path: Path, shared_data: Path) -> No
                 assert (bank.info(kind, row).last_round, bank.info(kind, row).samples) == (2, ITERATIONS)
 
     # the weights: backbone and owned rows trained, every row nobody owns exactly as initialised
-    initial, _ = initial_model(config)
+    initial = initial_model(config)
     layout = StateLayout.from_model(initial)
     start, end = initial.state_dict(), models[2]
     owned_tasks = sorted(t for v in ids.values() for t in v)
@@ -131,7 +140,7 @@ def test_new_task_ids_fit_the_model_capacity() -> None:
     """The bank's capacity rule is the network's: with task_slots = 72 (the published 71 tasks + null) a
     new dataset is refused at registration; with 73 it gets id 71, which the network accepts."""
     new = [SiteDataset("sts_ct", ("CT",), {1: "tumour"}, 2)]
-    with pytest.raises(ValueError, match="task_slots=72"):
+    with pytest.raises(ValueError, match=r"need task ids up to 71, i.e. task-slots >= 73, .* task_slots=72"):
         PriorBank(72, 6).register_site("sarcoma-ct", new, Catalog.load())
     own = PriorBank(73, 6).register_site("sarcoma-ct", new, Catalog.load())
     assert own.task_ids == (71,)

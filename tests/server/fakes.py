@@ -1,7 +1,8 @@
 """In-process stand-ins for the Flower runtime: a LocalGrid that calls fake sites directly, and the sites.
 
 The fake sites follow the protocol (/server <-> client contract): they answer ``query`` with their
-datasets and ``train`` with the received arrays plus a delta drawn from the round seed they were sent.
+datasets and a plausible fingerprint of them (or the one they were given), record a refusal, and answer
+``train`` with the received arrays plus a delta drawn from the round seed they were sent.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from hermes_model.catalog import Catalog
+from hermes_model.catalog import Catalog, canonical_modality
 from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
@@ -28,6 +29,7 @@ from hermes_model.exchange import (
     TASK_ROW_IDS,
     TASK_ROWS,
 )
+from hermes_model.fingerprint import DatasetFingerprint, fingerprints_to_json
 from server.local_grid import LocalGrid
 
 SMALL_CATALOG = {
@@ -49,6 +51,28 @@ def dataset_json(*entries: tuple[str, str, dict[int, str]]) -> str:
             for n, m, c in entries
         ]
     )
+
+
+def fingerprint_of(name: str, modality: str, spacing: float = 1.5, **changes: object) -> DatasetFingerprint:
+    """A fingerprint that fits the recipe's plan: 3 cases at ``spacing`` mm, CT in HU, PET in SUV."""
+    modality = canonical_modality(modality)
+    low = {"CT": -1000.0, "PET": 0.0}.get(modality, 0.0)
+    fg = {"CT": 40.0, "PET": 8.0}.get(modality, 300.0)
+    values = {
+        "dataset": name, "modality": modality, "cases": 3, "spacing_xyz": (spacing,) * 3,
+        "spacing_spread_xyz": (1.0,) * 3, "size_xyz": (100.0,) * 3, "size_std_xyz": (0.0,) * 3,
+        "intensity": {"0.5": low, "50": 0.0, "99.5": 500.0},
+        "foreground": {"0.5": fg / 2, "50": fg, "99.5": fg * 2},
+        "foreground_mean": fg, "foreground_std": fg / 4,
+    }
+    values.update(changes)
+    return DatasetFingerprint(**values)  # type: ignore[arg-type]
+
+
+def fingerprint_json(datasets: str) -> str:
+    """Plausible fingerprints of every dataset of a ``dataset_json``."""
+    entries = json.loads(datasets)
+    return fingerprints_to_json([fingerprint_of(e["name"], e["modality"]) for e in entries])
 
 
 def train_content(
@@ -87,14 +111,19 @@ class FakeSite:
     dice: dict[str, float] = field(default_factory=dict)
     silent: bool = False  # never replies to train
     reply: Callable[[FakeSite, Message], Message | None] | None = None
+    fingerprint: str | None = None  # None: fingerprint_json(datasets)
+    refusals: list[str] = field(default_factory=list)
 
     def handle(self, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
         if kind == MessageType.QUERY:
-            return Message(
-                RecordDict({SITE_RECORD: ConfigRecord({"name": self.name, "datasets": self.datasets})}),
-                reply_to=msg,
-            )
+            config = msg.content[CONFIG_RECORD]
+            if "refused" in config:
+                self.refusals.append(str(config["refused"]))
+                return Message(RecordDict({SITE_RECORD: ConfigRecord({"name": self.name})}), reply_to=msg)
+            fingerprint = self.fingerprint if self.fingerprint is not None else fingerprint_json(self.datasets)
+            answer = {"name": self.name, "datasets": self.datasets, "fingerprint": fingerprint}
+            return Message(RecordDict({SITE_RECORD: ConfigRecord(answer)}), reply_to=msg)
         if self.reply is not None:
             return self.reply(self, msg)
         if kind == MessageType.TRAIN:

@@ -14,7 +14,7 @@ from hermes_model import load_checkpoint
 from server.app import app
 from server.checkpoint import RunStore, load_round_checkpoint
 from server.config import ServerConfig
-from server.runner import SiteWaitTimeout, initial_model, run_federation, send_and_collect
+from server.runner import SiteWaitTimeout, initial_catalog, initial_model, run_federation, send_and_collect
 from tests.server.fakes import FakeGrid, FakeSite, dataset_json, small_catalog
 
 ALPHA = ("alpha", "CT", {1: "liver", 2: "tumour"})
@@ -72,7 +72,7 @@ def test_resume_after_a_crash_equals_a_straight_run(tmp_path):
     assert resumed.last_round == straight.last_round == 4
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    initial, _ = initial_model(_config(tmp_path, "x"))
+    initial = initial_model(_config(tmp_path, "x"))
     assert not all(torch.equal(a[k], v) for k, v in initial.state_dict().items())  # training moved it
     assert resumed.bank == straight.bank and resumed.catalog == straight.catalog
     moments_a, moments_b = straight.strategy.state_dict(), resumed.strategy.state_dict()
@@ -107,9 +107,8 @@ def test_round_checkpoint_is_a_model_checkpoint_and_old_ones_are_pruned(tmp_path
     ckpt = load_round_checkpoint(store.latest_path())
     assert ckpt.server_round == 3 and ckpt.bank == result.bank and "delta" in ckpt.catalog
     # one of our checkpoints as initial weights: same tensors, and the catalog inside it is used
-    model, catalog = initial_model(
-        _config(tmp_path, "next", initial_weights=str(store.latest_path()), catalog="")
-    )
+    next_config = _config(tmp_path, "next", initial_weights=str(store.latest_path()), catalog="")
+    model, catalog = initial_model(next_config), initial_catalog(next_config)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and "delta" in catalog
     with pytest.raises(ValueError, match="base-channels: checkpoint 8, config 16"):
         initial_model(_config(tmp_path, "next", initial_weights=str(store.latest_path()), base_channels=16))
@@ -191,7 +190,7 @@ def test_rounds_with_too_few_replies_keep_the_model(tmp_path):
         evaluate_every=0,
     )
     result = run_federation(FakeGrid(sites), cfg)
-    initial, _ = initial_model(cfg)
+    initial = initial_model(cfg)
     state = result.model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in initial.state_dict().items())
     aggregates = [x for x in RunStore(cfg.run_dir).read_metrics() if x["scope"] == "aggregate"]
@@ -215,13 +214,14 @@ def test_server_app_runs_from_the_run_config(tmp_path):
 
 
 def test_initial_weights_from_the_published_layout_use_the_ema_weights(tmp_path):
-    model, _ = initial_model(_config(tmp_path, "x", seed=1))
-    ema, _ = initial_model(_config(tmp_path, "x", seed=2))
+    model = initial_model(_config(tmp_path, "x", seed=1))
+    ema = initial_model(_config(tmp_path, "x", seed=2))
     path = tmp_path / "hermes_r_published.pth"
     torch.save(
         {"model_state_dict": model.state_dict(), "ema_model_state_dict": ema.state_dict(), "epoch": 3}, path
     )
-    loaded, catalog = initial_model(_config(tmp_path, "x", initial_weights=str(path)))
+    published = _config(tmp_path, "x", initial_weights=str(path))
+    loaded, catalog = initial_model(published), initial_catalog(published)
     assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert "alpha" in catalog  # the configured catalog (the published file carries none)
     with pytest.raises(ValueError, match="does not exist"):

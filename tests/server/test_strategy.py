@@ -23,6 +23,7 @@ from hermes_model.exchange import (
     XOR_ZSTD_STYPE,
     StateLayout,
 )
+from hermes_model.plans import Plans
 from server.bank import PriorBank, parse_site_datasets
 from server.checkpoint import RunStore, load_round_checkpoint
 from server.state import GlobalState
@@ -392,6 +393,8 @@ def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, t
         strategy_state=strategy.state_dict(),
         config={},
         seed=0,
+        plans=Plans(),
+        run_key="test-run",
     )
     restored = make(kind="fedadam", server_lr=0.1, tau=1e-3)
     restored.load_state_dict(load_round_checkpoint(tmp_path / "checkpoints" / "round_0001.pt").strategy_state)

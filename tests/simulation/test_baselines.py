@@ -52,7 +52,11 @@ def test_centralized_quick(tmp_path: Path) -> None:
     report = json.loads((run_dir / REPORT_JSON).read_text())
     assert report["run"]["mode"] == "centralized" and report["run"]["batch_size"] == 4
     assert 0.0 <= report["dice"]["tasks"]["sarcoma/tumour"] <= 1.0
-    assert load_checkpoint(run_dir / "final_model.pt").config["base_channels"] == 8
+    loaded = load_checkpoint(run_dir / "final_model.pt")
+    assert loaded.config["base_channels"] == 8 and loaded.extra["mode"] == "centralized"
+    assert loaded.extra["plans"]["patch_size"] == [32, 32, 32]
+    (sarcoma,) = loaded.extra["trained_tasks"].values()  # counted per sample: every one holds the task
+    assert sarcoma["samples"] == 2 * 3 * 4 and sarcoma["modalities"] == ["CT", "MR-T1"]
 
 
 def test_local_only_quick(tmp_path: Path) -> None:
@@ -63,7 +67,11 @@ def test_local_only_quick(tmp_path: Path) -> None:
     assert all(x["site"] == "sarcoma-mr" and x["num-examples"] > 0 for x in lines)
     assert (run_dir / "models" / "sarcoma-mr.pt").is_file()
     # the site's own optimiser state carried over between rounds
-    history = (run_dir / "sites" / "sarcoma-mr" / "client_state" / "history.jsonl").read_text().splitlines()
-    assert len(history) == 3
+    (state,) = (run_dir / "sites" / "sarcoma-mr" / "client_state").iterdir()  # one folder: this run's
+    assert len((state / "history.jsonl").read_text().splitlines()) == 3
+    model = load_checkpoint(run_dir / "models" / "sarcoma-mr.pt")
+    assert model.extra["mode"] == "local-only" and model.extra["plans"]["target_spacing"] == [3.0] * 3
+    (sarcoma,) = model.extra["trained_tasks"].values()
+    assert sarcoma["modalities"] == ["MR-T1"] and sarcoma["samples"] == 2 * 3 * 2
     # a second run into the same folder is refused
     assert main(["run", "--local-only", "--sites", str(MR), "--run-dir", str(run_dir), *TINY]) == 2

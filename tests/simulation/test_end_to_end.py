@@ -4,15 +4,19 @@ simulation engine (Ray), two rounds, on the bundled demo data. Takes one to two 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from client.predict import main as predict_main
 from hermes_model.factory import load_checkpoint
 from simulation.cli import main
 from simulation.report import CURVES_PNG, FINAL_DICE_PNG, REPORT_CSV, REPORT_JSON, read_metrics
+from simulation.sites import REPO_ROOT
 
 pytestmark = pytest.mark.slow
+EXIT_GRACE_S = 60.0  # Ray's workers may outlive the run by some seconds on a loaded machine
 
 
 def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,8 +46,27 @@ def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     loaded = load_checkpoint(run_dir / "final_model.pt")
     assert loaded.source == "hermes-fl" and loaded.config["base_channels"] == 8
     assert "sarcoma" in loaded.extra["catalog"]["datasets"]
+    assert loaded.extra["plans"]["target_spacing"] == [3.0] * 3 and loaded.extra["plans"]["patch_size"] == [32] * 3
+    (sarcoma,) = loaded.extra["trained_tasks"].values()  # the one task the two sites trained
+    assert sarcoma["modalities"] == ["CT", "MR-T1"] and sarcoma["samples"] == 2 * 2 * 10 * 2
+    # the model's users need nothing but the required flags: the plan and the trained tasks are its own
+    scan = REPO_ROOT / "demo_data" / "sarcoma" / "STS_002" / "CT_image.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    assert predict_main(["--model", str(run_dir / "final_model.pt"), "--input", str(scan), "--modality", "CT",
+                         "--output", str(out), "--no-progress"]) == 0
+    info = json.loads((tmp_path / "seg_labels.json").read_text())
+    assert info["labels"] == {"1": "sarcoma/tumour"}
+    assert info["inference"]["roi"] == [32, 32, 32] and info["preprocessing"]["target_spacing_xyz"] == [3.0] * 3
     # nothing of the simulation is left running (its processes start in <run_dir>/flower)
-    assert not _processes_in(run_dir)
+    assert _wait_until_gone(run_dir, EXIT_GRACE_S) == []
+
+
+def _wait_until_gone(folder: Path, timeout_s: float) -> list[int]:
+    """The processes still working in ``folder`` after waiting up to ``timeout_s`` for them to exit."""
+    deadline = time.monotonic() + timeout_s
+    while (left := _processes_in(folder)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def _processes_in(folder: Path) -> list[int]:

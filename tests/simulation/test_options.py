@@ -22,9 +22,11 @@ def test_model_choice_reaches_the_server_config(tmp_path):
     assert opts.model == "hermes-m"
     config = server_config(opts, stage_sites(opts.sites, tmp_path / "r"), tmp_path / "r")
     assert config.model == "hermes-m"
-    assert "base_channels" not in config.model_kwargs()  # Hermes-M has fixed widths
+    assert "base_channels" not in config.model_kwargs(task_slots=80)  # Hermes-M has fixed widths
     default = _options(build_parser().parse_args(["run", "--quick", "--run-dir", str(tmp_path / "d")]))
-    assert default.model == "hermes-r"
+    assert default.model == "hermes-r" and default.spacing == (3.0, 3.0, 3.0) and default.patch_size == (32, 32, 32)
+    plan = _options(build_parser().parse_args(["run", "--spacing", "2,2,3", "--patch-size", "48"]))
+    assert plan.spacing == (2.0, 2.0, 3.0) and plan.patch_size == (48, 48, 48)
 
 
 def test_cpu_share_lets_every_site_run_at_once(monkeypatch):

@@ -12,9 +12,18 @@ import pytest
 import yaml
 
 from client.config import load_site_config
+from server.config import ServerConfig
 from simulation.flower import app_pyproject, descendants, stop_process_tree
-from simulation.run import SimOptions, server_config, task_slots_for
+from simulation.run import SimOptions, server_config
 from simulation.sites import QUICK_SITES, demo_site_paths, stage_sites
+
+
+def test_the_app_declares_every_server_setting_with_its_default() -> None:
+    """``flwr run --run-config`` accepts only declared keys: the pyproject must list every server key."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = ServerConfig().to_run_config()
+    assert {k: v for k, v in declared.items() if k != "site-configs"} == defaults
 
 
 def test_demo_federation_has_disjoint_patients() -> None:
@@ -55,14 +64,15 @@ def test_stage_sites_rejects_duplicates_and_missing_files(tmp_path: Path) -> Non
         stage_sites([], tmp_path / "run")
 
 
-def test_server_config_fits_new_tasks_and_schedule(tmp_path: Path) -> None:
+def test_server_config_uses_the_servers_defaults_and_the_demo_plan(tmp_path: Path) -> None:
     opts = SimOptions(quick=True, run_dir=tmp_path)
     staged = stage_sites(opts.sites, tmp_path)
-    slots = task_slots_for(staged)
     config = server_config(opts, staged, tmp_path)
-    assert config.task_slots == slots >= 72
+    assert config.task_slots == 0  # sized by the server from the sites, as in a deployment
     assert config.min_sites == 2 and config.num_server_rounds == 2
-    assert config.iters_per_epoch == config.local_iterations and config.total_epochs == 2
+    assert config.schedule() == {"warmup_epochs": 0, "total_epochs": 2, "iters_per_epoch": config.local_iterations}
+    plans = config.plans()
+    assert plans.target_spacing == (3.0, 3.0, 3.0) and plans.patch_size == (32, 32, 32)
     assert opts.evaluate_every == 2  # default: the last round only
     with pytest.raises(ValueError, match="rounds"):
         SimOptions(rounds=0)
