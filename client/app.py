@@ -29,15 +29,22 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.config import REFUSAL_FILE
 from client.site import ProtocolError, RoundRequest, Site, TrainReply
 from client.wire import reply_array
 from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
     CONFIG_RECORD,
+    DATASETS_KEY,
+    FINGERPRINT_KEY,
     METRICS_RECORD,
     MODALITY_ROW_IDS,
     MODALITY_ROWS,
+    NAME_KEY,
+    PROTOCOL_KEY,
+    PROTOCOL_VERSION,
+    REFUSED_KEY,
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
@@ -55,9 +62,6 @@ logger = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"    # node config (SuperNode --node-config)
 SITE_CONFIGS_KEY = "site-configs"  # run config (simulation): paths separated by ","
 PARTITION_KEY = "partition-id"     # node config of a simulated client
-NAME_KEY, DATASETS_KEY, FINGERPRINT_KEY = "name", "datasets", "fingerprint"  # the query reply's entries
-REFUSED_KEY = "refused"  # a query whose config holds this key tells the site why the server refused it
-REFUSAL_FILE = "server_refusal.json"  # written into the site's work_dir: hermes-client start reads it
 
 app = ClientApp()
 
@@ -236,7 +240,7 @@ def query(msg: Message, context: Context) -> Message:
     datasets = json.dumps([d.to_dict() for d in site.describe()])
     fingerprint = fingerprints_to_json(site.fingerprint())
     content = RecordDict({SITE_RECORD: ConfigRecord({NAME_KEY: site.name, DATASETS_KEY: datasets,
-                                                     FINGERPRINT_KEY: fingerprint})})
+                                                     FINGERPRINT_KEY: fingerprint, PROTOCOL_KEY: PROTOCOL_VERSION})})
     return Message(content, reply_to=msg)
 
 

@@ -55,6 +55,7 @@ __all__ = [
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 MAX_LABEL_VALUE = 127  # labels are stored as int8
+REFUSAL_FILE = "server_refusal.json"  # in work_dir: the ClientApp records a refusal, hermes-client start reads it
 # site-config keys of earlier versions that the federation's plan now decides -> the server setting
 PLAN_KEYS = {"target_spacing": "target-spacing", "min_size": "patch-size", "margin": "train-margin",
              "interpolation": "interpolation"}

@@ -11,7 +11,6 @@ A preprocessed dataset folder ``<root>/<dataset>/`` holds, per case, ``<case>.np
   ``(seed, i)``, so runs are reproducible and DataLoader workers never repeat each other.
 - :func:`collate_padded` batches samples with different class counts (task id ``-1``, zero masks).
 - :func:`make_loader` builds the DataLoader; each pass over it draws fresh indices (epoch-offset).
-- :class:`ValidationCases` iterates whole cases for sliding-window evaluation.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +38,9 @@ __all__ = [
     "PreprocessedDataset",
     "TrainPatchDataset",
     "EpochSampler",
-    "ValidationCase",
-    "ValidationCases",
     "collate_padded",
     "label_to_masks",
+    "loader_generator",
     "make_loader",
 ]
 
@@ -582,14 +579,16 @@ def make_loader(
     """DataLoader batching with :func:`collate_padded`.
 
     For a :class:`TrainPatchDataset` the indices come from an :class:`EpochSampler` (new samples each
-    pass; ``start_epoch`` resumes the sequence, e.g. the federated round); other datasets are read in
-    order. Workers are persistent when ``num_workers > 0``.
+    pass; ``start_epoch`` resumes the sequence, e.g. the federated round) and the loader's own generator
+    (the seeds of its worker processes) is seeded with the dataset's seed, so no pass draws from torch's
+    global generator; other datasets are read in order. Workers are persistent when ``num_workers > 0``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     sampler = EpochSampler(len(dataset), start_epoch) if isinstance(dataset, TrainPatchDataset) else None
+    generator = loader_generator(dataset.seed, start_epoch) if isinstance(dataset, TrainPatchDataset) else None
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra = {"persistent_workers": True, "multiprocessing_context": multiprocessing_context}
@@ -603,78 +602,18 @@ def make_loader(
         collate_fn=collate_padded,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        generator=generator,
         **extra,
     )
 
 
-# ---------------------------------------------------------------------------------- validation
+def loader_generator(seed: int, start_epoch: int = 0, rank: int = 0) -> torch.Generator:
+    """The generator of a training DataLoader: a function of (seed, start pass, process rank) only.
 
-
-@dataclass(frozen=True)
-class ValidationCase:
-    """One whole preprocessed case.
-
-    Attributes:
-        index: position in the :class:`ValidationCases` sequence (not a patient id).
-        dataset: dataset name.
-        image: (1, Z, Y, X) float32.
-        label: (Z, Y, X) int8 with the original label values.
-        task_ids: (n,) int64 task ids of the dataset's classes.
-        modality_id: modality id (-1 = MR of unknown sequence).
-        class_values: the n label values, in task-token order.
+    A DataLoader draws the base seed of its workers (torch and ``random`` in each worker) from its generator
+    each time it is iterated, and from torch's global generator when it has none, which a new process
+    seeds at random. The patches themselves never depend on it (sample ``i`` is a function of
+    ``(seed, i)``), but any randomness a worker draws does, as does the global generator afterwards.
     """
-
-    index: int
-    dataset: str
-    image: torch.Tensor
-    label: np.ndarray
-    task_ids: torch.Tensor
-    modality_id: int
-    class_values: tuple[int, ...]
-
-    def masks(self) -> np.ndarray:
-        """(n, Z, Y, X) uint8 binary masks, one per task token."""
-        return label_to_masks(self.label, self.class_values)
-
-
-class ValidationCases:
-    """Whole cases of a split, for sliding-window evaluation.
-
-    Args:
-        datasets: opened datasets.
-        split: split to iterate; ``None`` keeps each dataset's own split.
-
-    The case ids stay on the site: they are only in :attr:`case_ids` (``"<dataset>/<case>"``, same order
-    as the items), for local reports.
-    """
-
-    def __init__(self, datasets: Sequence[PreprocessedDataset], split: str | None = None) -> None:
-        self.datasets = [d if split is None or d.split == split else d.with_split(split) for d in datasets]
-        self._items = [(d, c) for d, ds in enumerate(self.datasets) for c in range(len(ds))]
-
-    @property
-    def case_ids(self) -> list[str]:
-        return [f"{self.datasets[d].name}/{self.datasets[d].case_ids[c]}" for d, c in self._items]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> ValidationCase:
-        if not 0 <= index < len(self._items):
-            raise IndexError(f"case index {index} out of range [0, {len(self._items)})")
-        d, c = self._items[index]
-        ds = self.datasets[d]
-        image, label = ds.arrays(c)
-        return ValidationCase(
-            index=index,
-            dataset=ds.name,
-            image=torch.from_numpy(np.array(image, dtype=np.float32))[None],
-            label=np.array(label),
-            task_ids=torch.tensor(ds.task_ids, dtype=torch.long),
-            modality_id=ds.modality_id,
-            class_values=ds.class_values,
-        )
-
-    def __iter__(self) -> Iterator[ValidationCase]:
-        for i in range(len(self)):
-            yield self[i]
+    state = np.random.SeedSequence([int(seed), int(start_epoch), int(rank)]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))

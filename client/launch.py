@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, TextIO
 
-from client.config import SiteConfig, load_site_config
-from hermes_model.daemon_env import daemon_env
+from client.config import REFUSAL_FILE, SiteConfig, load_site_config
+from hermes_model.daemon_env import daemon_env, strip_ansi
 
 logger = logging.getLogger(__name__)
 
@@ -211,14 +211,6 @@ def _check_address(superlink: str) -> None:
     host, sep, port = superlink.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--server must be HOST:PORT (e.g. 10.0.0.5:8000), got {superlink!r}")
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def strip_ansi(text: str) -> str:
-    """``text`` without terminal colour codes (Flower colours its log levels even into a pipe)."""
-    return _ANSI.sub("", text)
 
 
 def _pump(stream: IO[bytes], log: IO[bytes] | None, on_line: Callable[[str], None]) -> None:
@@ -415,7 +407,6 @@ SESSION_HOLD_S = 60.0
 # Flower exit codes of flower-supernode that a restart cannot fix (the local configuration must change):
 # invalid auth key (302), auth without TLS (303), invalid trusted entities (304), SuperExec secret (401),
 # invalid address (600), TLS unsupported / incompatible / bad paths (602-605), version mismatch (606).
-REFUSAL_FILE = "server_refusal.json"  # must equal client.app.REFUSAL_FILE (not imported: it pulls in torch)
 EXIT_REFUSED = 3  # hermes-client start: the server refused this site (its reason was printed)
 FATAL_FLOWER_EXIT_CODES = frozenset({302, 303, 304, 401, 600, 602, 603, 604, 605, 606})
 # Flower API error codes in "[code: N]" lines.

@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from client.dataset import PreprocessedDataset, TrainPatchDataset, collate_padded, make_loader
+from client.dataset import PreprocessedDataset, TrainPatchDataset, collate_padded, loader_generator, make_loader
 from hermes_model.engine import EngineConfig, TrainEngine
 from hermes_model.fileio import atomic_torch_save
 
@@ -184,7 +185,7 @@ class TrainData:
         extra: dict[str, Any] = {"persistent_workers": True} if self.num_workers > 0 else {}
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=collate_padded, **extra,
+            collate_fn=collate_padded, generator=loader_generator(self.seed, self.start_epoch, rank), **extra,
         )
 
 
@@ -367,6 +368,8 @@ def _worker(rank: int, job: _Job) -> None:
     world_size = len(job.devices)
     device = torch.device(job.devices[rank])
     _setup_process(rank, device, world_size, job.log_level)
+    # a spawned process starts torch's generators from a random seed: derive them from the data and the rank
+    torch.manual_seed(int(np.random.SeedSequence([job.data.seed, rank]).generate_state(1, dtype=np.uint64)[0]))
     scratch = Path(job.scratch)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(

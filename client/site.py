@@ -406,6 +406,7 @@ class Site:
         """Train the received weights for ``local_iterations`` steps; save the engine; reply."""
         start = time.perf_counter()
         self._apply_threads()
+        self._seed_torch(request, 0)
         datasets = self.open_datasets(request.task_map, "train", request.plans)
         multi = len(self.devices) > 1
         gpu = self.primary_device if self.primary_device.type == "cuda" and not multi else None
@@ -462,6 +463,7 @@ class Site:
         """
         start = time.perf_counter()
         self._apply_threads()
+        self._seed_torch(request, 1)
         self.ensure_preprocessed(request.plans)
         # the site's tasks and modalities are exactly the rows received: no local state is needed
         model = self._build_model(request)
@@ -517,11 +519,29 @@ class Site:
         return evaluate_case(predicted, reference, specs, name=f"{ds.name}/{case.case_id}", plans=plans,
                              metrics=EVAL_METRICS)
 
+    # the CPU threads of this process when a site first ran in it (Ray's OMP_NUM_THREADS in a simulated site)
+    _process_threads: int | None = None
+
     def _apply_threads(self) -> None:
-        threads = self.config.training.threads
-        if threads is not None and torch.get_num_threads() != threads:
+        """Fix the CPU threads of the site's work: ``training.threads``, else the count this process had when a
+        site first ran in it. A process may run several sites one after another (Ray's actors in a simulation
+        take whichever site comes next): without this a site would inherit the count another site set, and a
+        float reduction split over another number of threads rounds differently (the run would depend on
+        which actor took which site)."""
+        if Site._process_threads is None:
+            Site._process_threads = torch.get_num_threads()
+        threads = self.config.training.threads or Site._process_threads
+        if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-            logger.info("site %s: %d CPU thread(s) (training.threads)", self.name, threads)
+            logger.info("site %s: %d CPU thread(s) (%s)", self.name, threads,
+                        "training.threads" if self.config.training.threads else "this process's default")
+
+    def _seed_torch(self, request: RoundRequest, stream: int) -> None:
+        """Seed torch's global generators (CPU and every GPU) from (federation seed, round, site seed, site
+        name, ``stream``): a new process starts them from a random seed, and the model built for the round
+        draws its initial weights (the prior rows the server does not send) from them."""
+        entropy = [request.seed, request.server_round, self.config.training.seed, stream, *self.name.encode()]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
 
     # -- local history -----------------------------------------------------------------------------
     def _log_round(self, kind: str, request: RoundRequest, metrics: Mapping[str, float],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 # glibc keeps one malloc arena per thread that allocates (up to 8 per core), and each arena holds on to
@@ -24,3 +25,11 @@ def daemon_env(scripts_dir: str | os.PathLike, flwr_home: str | os.PathLike,
     env.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
     env.update(extra or {})
     return env
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour codes (Flower colours its log levels even into a pipe or a file)."""
+    return _ANSI.sub("", text)

@@ -32,6 +32,11 @@ BACKBONE, TASK_ROWS, MODALITY_ROWS = "backbone", "task_rows", "modality_rows"
 EXCHANGE_ARRAYS = (BACKBONE, TASK_ROWS, MODALITY_ROWS)  # the arrays of every train/evaluate message
 TASK_ROW_IDS, MODALITY_ROW_IDS = "task_row_ids", "modality_row_ids"
 NUM_EXAMPLES = "num-examples"  # samples trained (train) or cases evaluated (evaluate)
+# the query: a site answers with its name, datasets, data fingerprint and protocol version (SITE_RECORD); a
+# query whose config holds REFUSED_KEY tells the site why the server refused it
+NAME_KEY, DATASETS_KEY, FINGERPRINT_KEY, PROTOCOL_KEY = "name", "datasets", "fingerprint", "protocol"
+REFUSED_KEY = "refused"
+PROTOCOL_VERSION = 2  # 2: plans, fingerprints, refusals, run keys (a site and its server must agree)
 
 TASK_BANK_SUFFIX = ".task_prior"
 MODALITY_BANK_SUFFIX = ".modality_prior"

@@ -10,8 +10,11 @@ records the outcome (``hermes-server start`` reads it and exits non-zero).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -47,3 +50,11 @@ def main(grid: Grid, context: Context) -> None:
     logger.info("federation finished after round %d; checkpoints in %s", result.last_round, config.run_dir)
     for line in usage_lines(result.final_model, config.run_dir):
         logger.info("%s", line)
+
+
+def read_run_status(run_dir: str | Path) -> dict[str, Any]:
+    """The ``run_status.json`` the ServerApp wrote into ``run_dir`` (``{}`` when there is none)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

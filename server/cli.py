@@ -230,8 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from server.app import read_run_status
     from server.config import ServerConfig
     from server.launch import STATUS_COMPLETED, LaunchError, LaunchOptions, launch, resolve_config_paths
+    from server.runner import usage_lines
 
     config_path = Path(args.config).resolve()
     config = ServerConfig.from_yaml(config_path, **({"resume": True} if args.resume else {}))
@@ -255,9 +257,18 @@ def _start(args: argparse.Namespace) -> int:
         print("interrupted: the run was stopped and the SuperLink shut down", file=sys.stderr)
         return 130
     status = info.get("status")
+    outcome = read_run_status(config.run_dir)
     print(json.dumps({"run-id": info.get("run-id"), "status": status, "details": info.get("status-details"),
-                      "run-dir": config.run_dir}))
-    return 0 if status == STATUS_COMPLETED else 1
+                      "run-dir": config.run_dir, "federation": outcome}))
+    if outcome.get("status") == "failed":
+        print(f"the federation stopped: {outcome.get('reason')}", file=sys.stderr)
+        return 1
+    if status != STATUS_COMPLETED:
+        return 1
+    if outcome.get("final_model"):
+        for line in usage_lines(Path(outcome["final_model"]), config.run_dir):
+            print(line)
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,15 +38,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import tomli_w
 
-from hermes_model.daemon_env import daemon_env
+from hermes_model.daemon_env import daemon_env, strip_ansi
 from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -143,14 +144,17 @@ class ManagedProcess:
         env: Mapping[str, str],
         cwd: Path | None = None,
         log_path: Path | None = None,
+        plain_to: TextIO | None = None,
     ) -> None:
+        """``log_path``: the output's file; else ``plain_to``: a stream that gets the output without colour
+        codes (Flower colours its log levels even into a pipe); else this process's terminal."""
         self.args = list(args)
         self.log_path = log_path
         self._log: IO[bytes] | None = None
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        out = self._log if self._log is not None else None
+        out = self._log if self._log is not None else (subprocess.PIPE if plain_to is not None else None)
         self.popen = subprocess.Popen(
             self.args,
             env=dict(env),
@@ -160,6 +164,8 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        if self._log is None and plain_to is not None:
+            threading.Thread(target=_copy_plain, args=(self.popen.stdout, plain_to), daemon=True).start()
         self.pid = self.popen.pid
         self.pgid = self.pid  # start_new_session: the child leads its own group
         self._seen: dict[int, int] = {}
@@ -231,6 +237,14 @@ class ManagedProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _copy_plain(source: IO[bytes], sink: TextIO) -> None:
+    """Copy a child's output lines to ``sink`` without colour codes until it ends."""
+    for raw in source:
+        with contextlib.suppress(OSError, ValueError):
+            sink.write(strip_ansi(raw.decode("utf-8", errors="replace")))
+            sink.flush()
 
 
 def wait_for_port(host: str, port: int, process: ManagedProcess, timeout_s: float) -> None:
@@ -349,6 +363,8 @@ class SuperLinkHandle:
             env=flower_env(self.flwr_home),
             capture_output=True,
             text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=timeout_s,
             check=False,
             stdin=subprocess.DEVNULL,
@@ -439,9 +455,11 @@ class SuperLinkHandle:
             time.sleep(poll_s)
 
     def stream_logs(self, run_id: int) -> ManagedProcess:
-        """``flwr log RUN_ID <connection> --stream`` writing to this process's terminal."""
+        """``flwr log RUN_ID <connection> --stream`` writing to this process's standard output (colour codes
+        only when it is a terminal)."""
         args = [flower_executable("flwr"), "log", str(run_id), self.connection, "--stream"]
-        return ManagedProcess(args, env=flower_env(self.flwr_home))
+        plain = None if sys.stdout.isatty() else sys.stdout
+        return ManagedProcess(args, env=flower_env(self.flwr_home), plain_to=plain)
 
 
 def superlink_command(

@@ -34,7 +34,18 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from hermes_model.catalog import Catalog
-from hermes_model.exchange import CONFIG_RECORD, NUM_EXAMPLES, SITE_RECORD, StateLayout
+from hermes_model.exchange import (
+    CONFIG_RECORD,
+    DATASETS_KEY,
+    FINGERPRINT_KEY,
+    NAME_KEY,
+    NUM_EXAMPLES,
+    PROTOCOL_KEY,
+    PROTOCOL_VERSION,
+    REFUSED_KEY,
+    SITE_RECORD,
+    StateLayout,
+)
 from hermes_model.factory import build_model, load_checkpoint
 from hermes_model.fileio import atomic_write_json
 from hermes_model.fingerprint import DatasetFingerprint, fingerprints_from_json, merge_fingerprints, plan_problems
@@ -48,8 +59,6 @@ from server.strategy import HermesStrategy, StrategyOptions
 logger = logging.getLogger(__name__)
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-# query protocol: the ConfigRecord keys of a site's answer and of the server's refusal (client.app)
-NAME_KEY, DATASETS_KEY, FINGERPRINT_KEY, REFUSED_KEY = "name", "datasets", "fingerprint", "refused"
 UNSIZED_TASK_SLOTS = 1 << 20  # the admission bank before the real one is sized (capacity checked later)
 REFUSAL_TIMEOUT_S = 30.0
 
@@ -83,6 +92,7 @@ class SiteAnswer:
     site: str
     datasets: list[SiteDataset]
     fingerprint: list[DatasetFingerprint]
+    protocol: int = PROTOCOL_VERSION
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -273,7 +283,9 @@ def _parse_query_reply(reply: Message, node: int) -> SiteAnswer:
     if not isinstance(name, str) or not _SITE_NAME.match(name):
         raise ValueError(f"site name must consist of letters, digits, '_' and '-', got {name!r}")
     fingerprint = fingerprints_from_json(record[FINGERPRINT_KEY]) if FINGERPRINT_KEY in record else []
-    return SiteAnswer(name, parse_site_datasets(record.get(DATASETS_KEY)), fingerprint)
+    protocol = record.get(PROTOCOL_KEY, 1)
+    return SiteAnswer(name, parse_site_datasets(record.get(DATASETS_KEY)), fingerprint,
+                      int(protocol) if isinstance(protocol, int) else 0)
 
 
 def refuse_site(grid: Grid, node: int, reason: str, poll_s: float) -> None:
@@ -391,6 +403,9 @@ class FederatedRun:
                         node, list(own.datasets), list(own.task_ids), list(own.modality_rows))
 
     def _admission_problem(self, answer: SiteAnswer) -> str | None:
+        if answer.protocol != PROTOCOL_VERSION:
+            return (f"site {answer.site!r} speaks protocol version {answer.protocol}, this server {PROTOCOL_VERSION}: "
+                    "install the server's hermes-fl release at the site")
         problems = [p for fp in answer.fingerprint for p in plan_problems(answer.site, fp, self.plans)]
         declared = {d.name for d in answer.datasets}
         missing = sorted(declared - {fp.dataset for fp in answer.fingerprint})
@@ -415,9 +430,11 @@ class FederatedRun:
             admitted = len(connected & set(self.nodes))
             if admitted >= cfg.min_sites:
                 return
-            if self.refused and len(connected) >= cfg.min_sites and connected <= set(self.nodes) | set(self.refused):
+            # a refused site usually disconnects at once: count it among the sites that came
+            came = admitted + len(self.refused)
+            if self.refused and came >= cfg.min_sites and connected <= set(self.nodes) | set(self.refused):
                 raise FederationFailed(
-                    f"min-sites={cfg.min_sites} cannot be met: {len(connected)} site(s) connected, "
+                    f"min-sites={cfg.min_sites} cannot be met: {came} site(s) came, "
                     f"{len(self.refused)} refused ({'; '.join(self.refused.values())})"
                 )
             if time.monotonic() >= deadline:

@@ -66,9 +66,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "for a free one (default: the cores shared by the sites, at least 1 each; with fewer cores "
                         "than sites all sites run at once and time-share the cores, one process per site in memory)")
     parser.add_argument("--evaluate-every", type=int, default=None,
-                        help="evaluate on the validation splits every N rounds (default: the last round "
-                        "only; "
-                        "1 = every round, for Dice-per-round curves)")
+                        help="evaluate on the validation splits (whole scans) every N rounds and in the last "
+                        "(default: three times in a run of six rounds or more, else the last round only; 1 = every "
+                        "round)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the patches")
     parser.add_argument("--lr", type=float, default=2e-3, help="base learning rate (LAMB, default 0.002)")
     parser.add_argument("--quick", action="store_true",

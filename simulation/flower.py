@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hermes_model.daemon_env import strip_ansi
 from server.launch import live, process_tree, signal_processes
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def ray_cluster_nodes(address: str, timeout_s: float = RAY_QUERY_TIMEOUT_S) -> l
     env = {k: v for k, v in os.environ.items() if k != RAY_ADDRESS_ENV}
     try:
         done = subprocess.run([sys.executable, "-c", _RAY_QUERY, address], env=env, capture_output=True,
-                              text=True, timeout=timeout_s, check=False)
+                              text=True, encoding="utf-8", errors="replace", timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         raise SimulationError(f"no Ray cluster answered at {address!r} within {timeout_s:g} s") from None
     found = [line for line in done.stdout.splitlines() if line.startswith("HERMES-RAY-NODES ")]
@@ -271,13 +272,17 @@ def _raise_on_sigterm() -> Iterator[None]:
 
 
 def _pump(process: subprocess.Popen, log_path: Path, echo: bool) -> None:
+    """Copy the run's output to its log (colour codes stripped) and, with ``echo``, to the console (coloured
+    only when it is a terminal)."""
     assert process.stdout is not None
+    colour = sys.stdout.isatty()
     with log_path.open("a", encoding="utf-8") as log:
         for line in process.stdout:
-            log.write(line)
+            plain = strip_ansi(line)
+            log.write(plain)
             log.flush()
             if echo and _NOISE not in line:
-                sys.stdout.write(line)
+                sys.stdout.write(line if colour else plain)
                 sys.stdout.flush()
 
 
@@ -370,6 +375,7 @@ def _run(superlink: subprocess.Popen, http_port: int, app_dir: Path, env: dict[s
         logger.info("flwr run --federation-config '%s'", federation)
         flwr = subprocess.Popen(
             run_cmd, env=env, cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            encoding="utf-8", errors="replace",
             start_new_session=True,
         )
         try:

@@ -41,7 +41,8 @@ CURVES_PNG = "loss_dice.png"
 FINAL_DICE_PNG = "final_dice.png"
 CSV_COLUMNS = ("level", "name", "site", "dice", "cases")
 LEVELS = ("site-task", "task", "dataset", "overall")
-_DICE = "dice/"
+_DICE = "dice/"  # whole-scan Dice at each case's native geometry (what a user gets)
+PAPER_DICE = "dice-paper/"  # the paper's convention: training grid, cropped around the label (a second column)
 
 
 @dataclass
@@ -137,12 +138,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def final_dice(lines: Iterable[Mapping[str, Any]], server_round: int | None = None) -> DiceReport:
+def final_dice(lines: Iterable[Mapping[str, Any]], server_round: int | None = None,
+               prefix: str = _DICE) -> DiceReport:
     """The Dice report of ``server_round`` (default: the last round with a site evaluation line).
 
     Args:
         lines: metric lines; the ``evaluate`` / ``site`` lines with ``status`` ok are used, each with
-            ``site``, ``num-examples`` and ``dice/<dataset>/<class>`` entries.
+            ``site``, ``num-examples`` and ``<prefix><dataset>/<class>`` entries.
+        prefix: ``dice/`` (whole scans, native geometry) or :data:`PAPER_DICE`.
     """
     rounds = _site_evaluations(lines)
     if not rounds:
@@ -158,8 +161,8 @@ def final_dice(lines: Iterable[Mapping[str, Any]], server_round: int | None = No
         cases = int(cases) if _finite(cases) and cases > 0 else 1
         tasks = report.site_tasks.setdefault(line["site"], {})
         for key, value in line.items():
-            if key.startswith(_DICE) and _finite(value):
-                task = key[len(_DICE):]
+            if key.startswith(prefix) and _finite(value):
+                task = key[len(prefix):]
                 tasks[task] = (float(value), cases)
                 acc = sums.setdefault(task, [0.0, 0.0])
                 acc[0] += float(value) * cases
@@ -203,13 +206,20 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else "-"
 
 
-def format_report(report: DiceReport) -> str:
-    """The report as a markdown table (level, name, site, Dice, validation cases)."""
+def format_report(report: DiceReport, paper: DiceReport | None = None) -> str:
+    """The report as a markdown table (level, name, site, Dice, validation cases), with the paper's
+    convention as a second Dice column when ``paper`` (the same rows from :data:`PAPER_DICE`) is given."""
     if report.server_round is None:
         return "(no evaluation in this run)"
-    body = [[lv, name, site or "-", _fmt(d), str(n) if n else ""] for lv, name, site, d, n in report.rows()]
-    title = f"Dice after round {report.server_round}\n"
-    return title + format_table(["level", "name", "site", "Dice", "val cases"], body)
+    second = {(lv, name, site): d for lv, name, site, d, _ in paper.rows()} if paper is not None else None
+    body = []
+    for lv, name, site, d, n in report.rows():
+        extra = [_fmt(second.get((lv, name, site), math.nan))] if second is not None else []
+        body.append([lv, name, site or "-", _fmt(d), *extra, str(n) if n else ""])
+    title = f"Dice after round {report.server_round} (whole scans at their native geometry, as a user gets it)\n"
+    header = ["level", "name", "site", "Dice", *(["Dice, paper's convention"] if second is not None else []),
+              "val cases"]
+    return title + format_table(header, body)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -260,6 +270,8 @@ def write_run_report(
     report = final_dice(lines)
     files = [atomic_write_bytes(run_dir / REPORT_CSV, report_csv(report).encode())]
     data = {"run": dict(summary or {}), "dice": report.to_dict(),
+            "dice_paper_convention": final_dice(lines, report.server_round, PAPER_DICE).to_dict()
+            if report.server_round is not None else None,
             "loss": {s: {"first": a, "last": b} for s, (a, b) in first_last_loss(lines).items()}}
     files.append(atomic_write_json(run_dir / REPORT_JSON, data))
     loss, dice = train_loss_series(lines), site_dice_series(lines)

@@ -17,7 +17,6 @@ match.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,7 +29,8 @@ from typing import Any
 import torch
 
 from client.app import SITE_CONFIGS_KEY
-from server.app import RUN_STATUS_FILE
+from hermes_model.catalog import Catalog
+from server.app import read_run_status
 from server.checkpoint import FINAL_MODEL, RunStore, load_round_checkpoint, save_final_model
 from server.config import ServerConfig
 from simulation.flower import (
@@ -42,7 +42,15 @@ from simulation.flower import (
     sites_that_fit,
 )
 from simulation.local import build_federation, run_centralized, run_local_only
-from simulation.report import DiceReport, first_last_loss, format_report, read_metrics, write_run_report
+from simulation.report import (
+    PAPER_DICE,
+    DiceReport,
+    final_dice,
+    first_last_loss,
+    format_report,
+    read_metrics,
+    write_run_report,
+)
 from simulation.sites import REPO_ROOT, StagedSite, demo_site_paths, stage_sites
 
 logger = logging.getLogger(__name__)
@@ -78,8 +86,8 @@ class SimOptions:
             machine's cores shared by the sites (:func:`auto_cpus_per_site`; with fewer cores than sites
             all of them run at once, :func:`ray_cpus`), the visible GPUs shared by the sites (at most one
             each; 0 without a GPU). An explicit ``cpus_per_site`` is taken literally.
-        evaluate_every: evaluate every N rounds (the last round always); None = the last round only
-            (a sliding-window evaluation costs about as much as a round of training on a CPU).
+        evaluate_every: evaluate every N rounds (the last round always); None = three times in a run of
+            six rounds or more (a curve of whole-scan Dice), else the last round only.
         seed: seed of the initial weights and the patch sampling.
         lr: base learning rate.
         strategy, proximal_mu, server_lr: the server's aggregation (``server.config.STRATEGIES``; FedProx's
@@ -128,7 +136,7 @@ class SimOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an int >= 1, got {value!r}")
         if self.evaluate_every is None:
-            self.evaluate_every = self.rounds
+            self.evaluate_every = self.rounds // 3 if self.rounds >= 6 else self.rounds
         every = self.evaluate_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"evaluate-every must be >= 0, got {self.evaluate_every!r}")
@@ -262,14 +270,6 @@ def _prepare(opts: SimOptions, mode: str) -> tuple[Path, list[StagedSite], Serve
     return run_dir, staged, server_config(opts, staged, run_dir)
 
 
-def read_run_status(run_dir: Path) -> dict[str, Any]:
-    """The ServerApp's ``run_status.json`` (``{}`` when it wrote none)."""
-    try:
-        return json.loads((run_dir / RUN_STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def site_lines(lines: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
     """The valid per-site lines of ``phase``."""
     return [x for x in lines
@@ -321,10 +321,9 @@ def _summary(mode: str, opts: SimOptions, config: ServerConfig, staged: Sequence
         "loss": {s: {"first": a, "last": b} for s, (a, b) in first_last_loss(lines).items()},
     }
     if mode == "federated" and wall > 0:
-        # the literal figure (wall - sum of local training) / wall only means something when the sites train
-        # one at a time; ``overhead_fraction_idle`` is the share of the run in which no site computed
+        # ``overhead_fraction_idle``: the share of the run in which no site computed (the sites of a round
+        # run in parallel, so wall time minus the sum of their training times would mean nothing)
         parallel = int((extra or {}).get("parallel_sites", 1))
-        summary["overhead_fraction"] = round((wall - train) / wall, 4)
         summary["busy_time_s"] = round(busy_seconds(lines, parallel), 2)
         summary["overhead_fraction_idle"] = round((wall - summary["busy_time_s"]) / wall, 4)
     summary.update(extra or {})
@@ -420,16 +419,63 @@ def run_mode(mode: str, opts: SimOptions) -> SimResult:
 def describe(result: SimResult) -> str:
     """A printable summary: the Dice table and the timing."""
     s = result.summary
-    lines = [f"{result.mode} run: {result.run_dir}", format_report(result.report), "",
+    paper = final_dice(read_metrics(result.run_dir), result.report.server_round, PAPER_DICE) \
+        if result.report.server_round is not None else None
+    lines = [f"{result.mode} run: {result.run_dir}", format_report(result.report, paper), "",
              f"wall time {s['wall_time_s']:.1f} s, local training {s['local_train_time_s']:.1f} s, "
              f"evaluation {s['eval_time_s']:.1f} s"]
-    if "overhead_fraction" in s:
+    if "overhead_fraction_idle" in s:
         lines.append(f"simulation overhead: {s['overhead_fraction_idle']:.1%} of the wall time no site trained or "
                      f"evaluated ({s['wall_time_s'] - s['busy_time_s']:.1f} s; {s['parallel_sites']} site(s) at "
-                     f"a time); (wall - sum of local training) / wall: {s['overhead_fraction']:.1%}")
+                     "a time)")
     for site, loss in sorted(s.get("loss", {}).items()):
         lines.append(f"train loss {site}: {loss['first']:.4f} (round 1) -> {loss['last']:.4f} (last round)")
+    lines += ["", *usage_example(result)]
     return "\n".join(lines)
+
+
+def usage_example(result: SimResult) -> list[str]:
+    """The commands that segment and score a validation scan of the run's first site with the model the run
+    wrote: what the Dice table measured, as a user does it."""
+    model = result.run_dir / FINAL_MODEL
+    if result.mode == "local-only":
+        model = next(iter(sorted((result.run_dir / "models").glob("*.pt"))), model)
+    example = _validation_scan([Path(p) for p in result.summary.get("site_configs", [])])
+    if example is None:
+        return [f"model: {model} (hermes-predict --model {model} --input SCAN --modality MODALITY --output OUT)"]
+    image, label, modality = example
+    out = result.run_dir / "predictions"
+    return ["segment a validation scan with the model this run wrote, and score it at its native geometry:",
+            f"  hermes-predict --model {model} --input {image} --modality {modality} --output {out / 'seg.nii.gz'}",
+            f"  hermes-evaluate --pred {out / 'seg.nii.gz'} --ref {label} --output {out / 'eval.csv'}",
+            f"  (label values of that prediction: {_label_values(model, modality)})"]
+
+
+def _label_values(model: Path, modality: str) -> str:
+    """``1 = dataset/class, ...``: what ``hermes-predict`` writes by default for a ``modality`` scan."""
+    from client.predict import load_model, resolve_tasks
+
+    selection = resolve_tasks(None, load_model(model), modality)
+    return ", ".join(f"{v} = {k}" for v, k in zip(selection.values, selection.keys, strict=True))
+
+
+def _validation_scan(site_configs: Sequence[Path]) -> tuple[Path, Path, str] | None:
+    """(image, label, modality) of the first labelled validation case of the first site that has one."""
+    from client.config import load_site_config
+    from client.preprocess import dataset_splits
+
+    catalog = Catalog.load()
+    for path in site_configs:
+        try:
+            config = load_site_config(path, catalog=catalog)
+        except ValueError:
+            continue
+        for ds in config.datasets:
+            val = set(dataset_splits(ds, catalog)["val"])
+            for case in ds.cases():
+                if case.case_id in val and case.label is not None and case.frame is None and not case.label_format:
+                    return case.image, case.label, ds.modality
+    return None
 
 
 __all__ = ["MODES", "SimOptions", "SimResult", "asdict", "describe", "new_run_dir", "run_mode", "REPO_ROOT"]

@@ -15,7 +15,6 @@ from client.dataset import (
     EpochSampler,
     PreprocessedDataset,
     TrainPatchDataset,
-    ValidationCases,
     _crop,
     collate_padded,
     make_loader,
@@ -313,28 +312,6 @@ def test_epoch_sampler_resumes() -> None:
     assert list(sampler) == [12, 13, 14, 15]
     with pytest.raises(ValueError, match="num_samples"):
         EpochSampler(0)
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def test_validation_cases_yield_whole_cases(two_datasets) -> None:
-    one, three = two_datasets
-    cases = ValidationCases([one, three])
-    assert len(cases) == 4
-    assert cases.case_ids == ["one/a", "one/b", "three/x", "three/y"]
-    items = list(cases)
-    assert [c.index for c in items] == [0, 1, 2, 3]
-    assert items[1].image.shape == (1, 36, 44, 40) and items[1].image.dtype == torch.float32
-    assert np.array_equal(items[3].label, np.load(three.folder / "y_gt.npy"))
-    assert items[3].task_ids.tolist() == [30, 31, 32] and items[3].modality_id == -1
-    assert items[3].class_values == (1, 2, 5)
-    masks = items[3].masks()
-    assert masks.shape == (3, 44, 40, 40)
-    assert np.array_equal(masks[2], (items[3].label == 5).astype(np.uint8))
-    fields = {"index", "dataset", "image", "label", "task_ids", "modality_id", "class_values"}
-    assert set(vars(items[0])) == fields  # no case id in what is yielded
-    assert len(ValidationCases([one, three], split="val")) == 0
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -37,7 +37,7 @@ from client.preprocess import (
 )
 from hermes_model.catalog import Catalog
 from hermes_model.plans import CT_WINDOW as CT_CLIP
-from hermes_model.plans import Plans
+from hermes_model.plans import EVAL_CROP, TRAIN_CROP, Plans
 from tests.client.conftest import SMALL_PLANS, blob_case, make_image, write_csv
 
 SETTINGS = PreprocessSettings(modality="CT", classes=(1, 2), target_spacing=(1.5, 1.5, 1.5), margin=2,
@@ -118,6 +118,28 @@ def test_resampling_keeps_the_physical_centre_and_extent(tmp_path: Path) -> None
     restored = sitk.GetArrayFromImage(restore_to_original(gt, meta))
     assert dice(restored > 0, label > 0) > 0.9
     assert dice(restored == 2, label == 2) > 0.6  # a small object, resampled twice
+
+
+def test_an_evaluation_case_is_not_cropped_around_its_label(tmp_path: Path) -> None:
+    """A small label in a corner of a scan whose body fills the field of view: the training crop is a box
+    around the label; the evaluation crop (val/test/inference) keeps the whole scan, so its position
+    tells the model nothing."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(40.0, 10.0, (32, 32, 32)).astype(np.float32)  # soft tissue everywhere: no air border
+    label = np.zeros((32, 32, 32), np.uint8)
+    label[2:6, 24:29, 25:30] = 1  # far from the centre
+    case = write_pair(tmp_path, "c", make_image(image, (1.5,) * 3), make_image(label, (1.5,) * 3))
+    train = dataclasses.replace(SETTINGS, classes=(1,), crop=TRAIN_CROP)
+    evaluation = dataclasses.replace(train, crop=EVAL_CROP)
+    assert preprocess_case(case, train, tmp_path / "train").status == "done"
+    assert preprocess_case(case, evaluation, tmp_path / "eval").status == "done"
+    _, _, train_meta = load_case(tmp_path / "train", "c")
+    eval_image, eval_gt, eval_meta = load_case(tmp_path / "eval", "c")
+    assert eval_meta["crop_zyx"] == [[0, 32], [0, 32], [0, 32]] and eval_image.shape == (32, 32, 32)
+    assert np.array_equal(eval_gt, label)  # the label is stored whole, for scoring only
+    (z0, z1), (y0, y1), (x0, x1) = train_meta["crop_zyx"]
+    assert z0 <= 2 and y0 <= 24 and x0 <= 25 and z1 >= 6 and y1 >= 29 and x1 >= 30  # holds the label
+    assert z1 <= 24 and y0 >= 8 and x0 >= 8  # and is the box around it, away from the centre
 
 
 def test_intensity_schemes() -> None:

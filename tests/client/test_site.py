@@ -165,6 +165,29 @@ def test_two_training_rounds(site: Site) -> None:
     assert torch.load(site.engine_path(RUN), weights_only=True)["iteration"] == 2 * ITERATIONS  # untouched
 
 
+def test_a_round_is_a_function_of_the_request_not_of_the_process(site: Site, monkeypatch) -> None:
+    """Bitwise the same reply to the same request whatever torch's global random state (a new process seeds
+    it at random; the model of the round draws the prior rows the server does not send from it) and whatever
+    CPU threads a site that ran before in the same process set (a Ray actor runs one site after another)."""
+    monkeypatch.setattr(Site, "_process_threads", None)
+    default = torch.get_num_threads()
+    requests = [make_request(1, run_key=key) for key in ("same-a", "same-threads", "same-b")]  # (seeds torch)
+    torch.manual_seed(1)
+    first = site.train(requests[0])
+    threaded = Site(site.config.model_copy(update={
+        "training": site.config.training.model_copy(update={"threads": default + 1})}), site.catalog)
+    threaded.train(requests[1])
+    assert torch.get_num_threads() == default + 1  # training.threads
+    torch.manual_seed(2)
+    again = site.train(requests[2])
+    assert torch.get_num_threads() == default  # back to this process's own count
+    for name in ("backbone", "task_rows", "modality_rows"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+    # the next round of the same run draws other patches: the reply is not a constant
+    later = site.train(make_request(2, run_key="same-b"))
+    assert not torch.equal(later.backbone, again.backbone)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_site_reports_its_peak_gpu_memory(tmp_path: Path) -> None:
     site = Site.from_path(write_site(tmp_path, devices=[0]))

@@ -25,6 +25,7 @@ from hermes_model.exchange import (
     MODALITY_ROW_IDS,
     MODALITY_ROWS,
     NUM_EXAMPLES,
+    PROTOCOL_VERSION,
     SITE_RECORD,
     TASK_ROW_IDS,
     TASK_ROWS,
@@ -113,6 +114,9 @@ class FakeSite:
     reply: Callable[[FakeSite, Message], Message | None] | None = None
     fingerprint: str | None = None  # None: fingerprint_json(datasets)
     refusals: list[str] = field(default_factory=list)
+    protocol: int = PROTOCOL_VERSION
+    leaves_when_refused: bool = False  # as hermes-client does: it stops its SuperNode
+    left: bool = False
 
     def handle(self, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
@@ -120,9 +124,11 @@ class FakeSite:
             config = msg.content[CONFIG_RECORD]
             if "refused" in config:
                 self.refusals.append(str(config["refused"]))
+                self.left = self.leaves_when_refused
                 return Message(RecordDict({SITE_RECORD: ConfigRecord({"name": self.name})}), reply_to=msg)
             fingerprint = self.fingerprint if self.fingerprint is not None else fingerprint_json(self.datasets)
-            answer = {"name": self.name, "datasets": self.datasets, "fingerprint": fingerprint}
+            answer = {"name": self.name, "datasets": self.datasets, "fingerprint": fingerprint,
+                      "protocol": self.protocol}
             return Message(RecordDict({SITE_RECORD: ConfigRecord(answer)}), reply_to=msg)
         if self.reply is not None:
             return self.reply(self, msg)
@@ -175,6 +181,9 @@ class FakeGrid(LocalGrid):
                 raise RuntimeError(f"simulated server crash in round {self.crash_at_round}")
             ids += super().push_messages([msg])
         return ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [node for node in super().get_node_ids() if not self.sites[node].left]
 
     def _deliver(self, msg: Message) -> Message | None:
         return self.sites[msg.metadata.dst_node_id].handle(msg)

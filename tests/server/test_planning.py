@@ -95,11 +95,13 @@ def test_an_explicit_schedule_is_checked_against_the_run() -> None:
                                                               "iters_per_epoch": 400}
 
 
-def test_a_site_whose_ct_is_not_in_hu_is_refused_told_why_and_the_run_ends_at_once(tmp_path: Path,
-                                                                                   caplog) -> None:
+@pytest.mark.parametrize("leaves", [False, True], ids=["stays-connected", "disconnects-when-refused"])
+def test_a_site_whose_ct_is_not_in_hu_is_refused_told_why_and_the_run_ends_at_once(tmp_path: Path, caplog,
+                                                                                   leaves: bool) -> None:
     offset = fingerprint_of("alpha", "CT", intensity={"0.5": 24.0, "50": 1024.0, "99.5": 1524.0})
     sites = _sites()
     sites[11].fingerprint = fingerprints_to_json([offset])
+    sites[11].leaves_when_refused = leaves
     grid = FakeGrid(sites)
     config = _config(tmp_path)
     start = time.monotonic()
@@ -107,7 +109,7 @@ def test_a_site_whose_ct_is_not_in_hu_is_refused_told_why_and_the_run_ends_at_on
         run_federation(grid, config)
     assert time.monotonic() - start < 10  # not the start timeout
     message = str(info.value)
-    assert message.startswith("min-sites=2 cannot be met: 2 site(s) connected, 1 refused (site-a: ")
+    assert message.startswith("min-sites=2 cannot be met: 2 site(s) came, 1 refused (site-a: ")
     (reason,) = sites[11].refusals  # the site was told, once
     assert "site 'site-a', dataset 'alpha' (CT): CT is not in Hounsfield units" in reason
     assert "0.5th percentile of its voxels is 24" in reason and "-1024" in reason
@@ -124,16 +126,19 @@ def test_a_site_whose_ct_is_not_in_hu_is_refused_told_why_and_the_run_ends_at_on
     assert status["status"] == "failed" and "cannot be met" in status["reason"]
 
 
-def test_spacing_far_from_the_plan_and_pet_not_in_suv_are_refused(tmp_path: Path) -> None:
+def test_spacing_far_from_the_plan_pet_not_in_suv_and_another_release_are_refused(tmp_path: Path) -> None:
     sites = {
         11: FakeSite("site-a", dataset_json(ALPHA)),
         12: FakeSite("site-b", dataset_json(DELTA),
                      fingerprint=fingerprints_to_json([fingerprint_of("delta", "PET", foreground={"99.5": 9000.0})])),
         13: FakeSite("site-c", dataset_json(BETA),
                      fingerprint=fingerprints_to_json([fingerprint_of("beta", "MR-T2", spacing=5.0)])),
+        14: FakeSite("site-d", dataset_json(ALPHA), protocol=1),  # an older release
     }
     result = run_federation(FakeGrid(sites), _config(tmp_path, min_sites=1, num_server_rounds=1))
     assert sorted(result.bank.sites) == ["site-a"]
+    assert sites[14].refusals == ["site 'site-d' speaks protocol version 1, this server 2: install the server's "
+                                  "hermes-fl release at the site"]
     assert "PET is not in SUV" in sites[12].refusals[0] and "99.5th percentile" in sites[12].refusals[0]
     assert "typical spacing along x is 5 mm, 3.3x the plan's 1.5 mm" in sites[13].refusals[0]
 
