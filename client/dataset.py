@@ -39,6 +39,7 @@ __all__ = [
     "TrainPatchDataset",
     "EpochSampler",
     "collate_padded",
+    "derived_seed",
     "label_to_masks",
     "loader_generator",
     "make_loader",
@@ -615,5 +616,9 @@ def loader_generator(seed: int, start_epoch: int = 0, rank: int = 0) -> torch.Ge
     seeds at random. The patches themselves never depend on it (sample ``i`` is a function of
     ``(seed, i)``), but any randomness a worker draws does, as does the global generator afterwards.
     """
-    state = np.random.SeedSequence([int(seed), int(start_epoch), int(rank)]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0]))
+    return torch.Generator().manual_seed(derived_seed(seed, start_epoch, rank))
+
+
+def derived_seed(*entropy: int) -> int:
+    """A 64-bit seed that is a function of ``entropy`` only (independent streams for distinct tuples)."""
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0])

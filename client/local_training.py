@@ -32,7 +32,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,7 +39,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from client.dataset import PreprocessedDataset, TrainPatchDataset, collate_padded, loader_generator, make_loader
+from client.dataset import (
+    PreprocessedDataset,
+    TrainPatchDataset,
+    collate_padded,
+    derived_seed,
+    loader_generator,
+    make_loader,
+)
 from hermes_model.engine import EngineConfig, TrainEngine
 from hermes_model.fileio import atomic_torch_save
 
@@ -369,7 +375,7 @@ def _worker(rank: int, job: _Job) -> None:
     device = torch.device(job.devices[rank])
     _setup_process(rank, device, world_size, job.log_level)
     # a spawned process starts torch's generators from a random seed: derive them from the data and the rank
-    torch.manual_seed(int(np.random.SeedSequence([job.data.seed, rank]).generate_state(1, dtype=np.uint64)[0]))
+    torch.manual_seed(derived_seed(job.data.seed, rank))
     scratch = Path(job.scratch)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(

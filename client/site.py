@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from client.config import DatasetConfig, SiteConfig, load_site_config
-from client.dataset import PreprocessedDataset
+from client.dataset import PreprocessedDataset, derived_seed
 from client.formats import CaseSpec
 from client.local_training import LocalResult, TrainData, resolve_devices, train_local
 from hermes_model import build_model
@@ -540,8 +540,8 @@ class Site:
         """Seed torch's global generators (CPU and every GPU) from (federation seed, round, site seed, site
         name, ``stream``): a new process starts them from a random seed, and the model built for the round
         draws its initial weights (the prior rows the server does not send) from them."""
-        entropy = [request.seed, request.server_round, self.config.training.seed, stream, *self.name.encode()]
-        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
+        torch.manual_seed(derived_seed(request.seed, request.server_round, self.config.training.seed, stream,
+                                       *self.name.encode()))
 
     # -- local history -----------------------------------------------------------------------------
     def _log_round(self, kind: str, request: RoundRequest, metrics: Mapping[str, float],

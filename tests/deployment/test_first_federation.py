@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 import yaml
 
 from server.checkpoint import RunStore
 from server.cli import main as server_main
 from server.cli import write_keys
 from simulation.sites import DEMO_SITES_DIR
-from tests.deployment.test_loopback import IBSI_STS, _private_home, free_port  # noqa: F401 - autouse fixture
+from tests.deployment.test_loopback import _private_home, free_port, write_site  # noqa: F401 - autouse fixture
 
 pytestmark = pytest.mark.slow
 
@@ -52,44 +49,6 @@ def demo_site(root: Path, name: str, demo: str, **top: str) -> Path:
     path = root / "site.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
-
-
-def write_site(root: Path, name: str, cases: tuple[str, ...], ct_offset: float = 0.0, **top: str) -> Path:
-    """A site of sarcoma CT copies (its last case for validation); ``ct_offset`` is added to every CT."""
-    if not IBSI_STS.is_dir():
-        pytest.skip(f"sarcoma data not found at {IBSI_STS} (the 'shared' folder beside the repo)")
-    lines = ["case,image,label"]
-    for case in cases:
-        folder = root / "raw" / case
-        folder.mkdir(parents=True)
-        image = sitk.ReadImage(str(IBSI_STS / case / "CT_image.nii.gz"))
-        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) + ct_offset, str(folder / "CT_image.nii.gz"))
-        (folder / "CT_mask.nii.gz").write_bytes((IBSI_STS / case / "CT_mask.nii.gz").read_bytes())
-        lines.append(f"{case},raw/{case}/CT_image.nii.gz,raw/{case}/CT_mask.nii.gz")
-    (root / "cases.csv").write_text("\n".join(lines) + "\n")
-    body = {"site": name, "work_dir": "work", **top,
-            "datasets": [{"name": "sarcoma", "modality": "CT", "format": "csv", "source": "cases.csv",
-                          "classes": {1: "tumour"}, "split": {"val": [cases[-1]], "test": []}}],
-            "training": {"devices": "cpu", "batch_size": 2, "num_workers": 0, "bf16": False, "threads": 1}}
-    path = root / "site.yaml"
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
-@pytest.fixture
-def clients() -> Iterator[list[subprocess.Popen]]:
-    """``hermes-client start`` processes of a test: SIGTERM at teardown, SIGKILL to their session after."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for client in started:
-        if client.poll() is None:
-            client.send_signal(signal.SIGTERM)
-    for client in started:
-        try:
-            client.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(client.pid, signal.SIGKILL)
-            client.wait(10)
 
 
 def start_client(tmp_path: Path, site_yaml: Path, port: int, *options: str) -> subprocess.Popen:

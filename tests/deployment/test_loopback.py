@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import SimpleITK as sitk
 import yaml
 
 from client.launch import SuperNodeHandle, start_supernode
@@ -71,17 +72,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_site(root: Path, name: str, cases: tuple[str, ...], **extra: Any) -> Path:
-    """A tiny site in ``root``: copies of ``cases`` (sarcoma CT), one local iteration (the plan of these
-    tests, :data:`PLAN`, is the server's: 4 mm, 32^3 patches)."""
+def write_site(root: Path, name: str, cases: tuple[str, ...], ct_offset: float = 0.0, **extra: Any) -> Path:
+    """A tiny site in ``root``: copies of ``cases`` (sarcoma CT, ``ct_offset`` added to every voxel), one local
+    iteration (the plan of these tests, :data:`PLAN`, is the server's: 4 mm, 32^3 patches)."""
     if not IBSI_STS.is_dir():
         pytest.skip(f"sarcoma data not found at {IBSI_STS} (the 'shared' folder beside the repo)")
     lines = ["case,image,label"]
     for case in cases:
         folder = root / "raw" / case
         folder.mkdir(parents=True)
-        for file in ("CT_image.nii.gz", "CT_mask.nii.gz"):
-            shutil.copy(IBSI_STS / case / file, folder / file)
+        shutil.copy(IBSI_STS / case / "CT_mask.nii.gz", folder / "CT_mask.nii.gz")
+        if ct_offset:
+            image = sitk.ReadImage(str(IBSI_STS / case / "CT_image.nii.gz"))
+            sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) + ct_offset, str(folder / "CT_image.nii.gz"))
+        else:
+            shutil.copy(IBSI_STS / case / "CT_image.nii.gz", folder / "CT_image.nii.gz")
         lines.append(f"{case},raw/{case}/CT_image.nii.gz,raw/{case}/CT_mask.nii.gz")
     (root / "cases.csv").write_text("\n".join(lines) + "\n")
     body = {

@@ -407,22 +407,6 @@ def _with_site(site_yaml: Path) -> list[int]:
 
 
 @pytest.fixture
-def clients() -> Iterator[list[subprocess.Popen]]:
-    """``hermes-client`` processes a test starts: SIGTERM, then SIGKILL to their session, at teardown."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for client in started:
-        if client.poll() is None:
-            client.send_signal(signal.SIGTERM)
-    for client in started:
-        try:
-            client.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(client.pid, signal.SIGKILL)
-            client.wait(10)
-
-
-@pytest.fixture
 def links() -> Iterator[list[SuperLinkHandle]]:
     started: list[SuperLinkHandle] = []
     yield started

@@ -18,12 +18,12 @@ from hermes_model.factory import load_checkpoint
 from server.checkpoint import FINAL_MODEL
 from simulation.flower import stop_process_tree
 from simulation.sites import REPO_ROOT
+from tests.simulation.processes import EXIT_GRACE_S, wait_until_gone
 
 pytestmark = pytest.mark.slow
 
 ROUNDS, LOCAL_ITERATIONS = 2, 3
 RUN_TIMEOUT_S = 1200.0
-EXIT_GRACE_S = 60.0  # Ray's workers may outlive the run by some seconds on a loaded machine
 _MAIN = "import sys; from simulation.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -69,25 +69,6 @@ def _differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list
     return [k for k in sorted(a) if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
 
 
-def _processes_in(folder: Path) -> list[int]:
-    out = []
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        try:
-            if cwd.resolve().is_relative_to(folder.resolve()):
-                out.append(int(cwd.parent.name))
-        except OSError:
-            continue
-    return out
-
-
-def _wait_until_gone(folder: Path, timeout_s: float) -> list[int]:
-    """The processes still working in ``folder`` after waiting up to ``timeout_s`` for them to exit."""
-    deadline = time.monotonic() + timeout_s
-    while (left := _processes_in(folder)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
 def test_same_seed_gives_bitwise_identical_weights_whatever_the_load(tmp_path: Path) -> None:
     start = time.monotonic()
     alone = tmp_path / "seed0-alone" / "run"
@@ -107,4 +88,4 @@ def test_same_seed_gives_bitwise_identical_weights_whatever_the_load(tmp_path: P
     changed = _differences(reference, _weights(other))
     assert len(changed) > len(reference) // 2, f"seed 1 changed only {changed} (of {len(reference)} tensors)"
     for run in (alone, loaded, other):
-        assert _wait_until_gone(run, EXIT_GRACE_S) == [], f"processes still working in {run}"
+        assert wait_until_gone(run, EXIT_GRACE_S) == [], f"processes still working in {run}"

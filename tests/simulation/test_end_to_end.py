@@ -4,7 +4,6 @@ simulation engine (Ray), two rounds, on the bundled demo data. Takes one to two 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from hermes_model.factory import load_checkpoint
 from simulation.cli import main
 from simulation.report import CURVES_PNG, FINAL_DICE_PNG, REPORT_CSV, REPORT_JSON, read_metrics
 from simulation.sites import REPO_ROOT
+from tests.simulation.processes import EXIT_GRACE_S, wait_until_gone
 
 pytestmark = pytest.mark.slow
-EXIT_GRACE_S = 60.0  # Ray's workers may outlive the run by some seconds on a loaded machine
 
 
 def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,23 +57,4 @@ def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert info["labels"] == {"1": "sarcoma/tumour"}
     assert info["inference"]["roi"] == [32, 32, 32] and info["preprocessing"]["target_spacing_xyz"] == [3.0] * 3
     # nothing of the simulation is left running (its processes start in <run_dir>/flower)
-    assert _wait_until_gone(run_dir, EXIT_GRACE_S) == []
-
-
-def _wait_until_gone(folder: Path, timeout_s: float) -> list[int]:
-    """The processes still working in ``folder`` after waiting up to ``timeout_s`` for them to exit."""
-    deadline = time.monotonic() + timeout_s
-    while (left := _processes_in(folder)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
-def _processes_in(folder: Path) -> list[int]:
-    out = []
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        try:
-            if cwd.resolve().is_relative_to(folder.resolve()):
-                out.append(int(cwd.parent.name))
-        except OSError:
-            continue
-    return out
+    assert wait_until_gone(run_dir, EXIT_GRACE_S) == []

@@ -40,11 +40,11 @@ from simulation.run import (
     ray_cpus,
     run_mode,
 )
+from tests.simulation.processes import EXIT_GRACE_S, wait_until_gone
 
 RAY = Path(sys.executable).parent / "ray"
 NODE_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
-EXIT_GRACE_S = 60.0  # the simulation's processes may outlive the run by some seconds on a loaded machine
 
 
 # ------------------------------------------------------------------------------------------ sizing (fast)
@@ -318,14 +318,5 @@ def test_quick_demo_runs_on_two_ray_nodes(ray_cluster: RayCluster, tmp_path: Pat
         assert pids & _actor_log_pids(folder), f"no log of the actors {pids} in {folder}"
     # nothing of the simulation is left (its processes start in <run_dir>/flower); on a loaded machine the
     # last of them may take some seconds to exit after the run
-    deadline = time.monotonic() + EXIT_GRACE_S
-    while (left := [p for p in proc_table() if _cwd_in(p, run_dir)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = wait_until_gone(run_dir, EXIT_GRACE_S)
     assert not left, f"processes still working in {run_dir}: {left}"
-
-
-def _cwd_in(pid: int, folder: Path) -> bool:
-    try:
-        return Path(f"/proc/{pid}/cwd").resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
