@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.config import REFUSAL_FILE
@@ -41,6 +41,7 @@ from hermes_model.exchange import (
     METRICS_RECORD,
     MODALITY_ROW_IDS,
     MODALITY_ROWS,
+    MODALITY_TERM_ARRAYS,
     NAME_KEY,
     PROTOCOL_KEY,
     PROTOCOL_VERSION,
@@ -197,6 +198,7 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
         wire_dtype=_value(config, "wire-dtype", "float32"),
         reply_codec=_value(config, "reply-codec", "none"),
         proximal_mu=_value(config, "proximal-mu", 0.0),
+        local_update=_value(config, "local-update", "steps"),
         plans=_plans(config),
         run_key=_value(config, "run-key", "default"),
     )
@@ -214,7 +216,10 @@ def _plans(config: ConfigRecord) -> Plans:
 def _train_content(reply: TrainReply, request: RoundRequest) -> RecordDict:
     arrays = {BACKBONE: reply.backbone, TASK_ROWS: reply.task_rows, MODALITY_ROWS: reply.modality_rows}
     received = {BACKBONE: request.backbone, TASK_ROWS: request.task_rows, MODALITY_ROWS: request.modality_rows}
-    payload = {k: reply_array(v, received[k], request.reply_codec) for k, v in arrays.items()}
+    gradient = reply.modality_term is not None  # gradients are never coded against the weights received
+    payload = {k: reply_array(v, received[k], "none" if gradient else request.reply_codec) for k, v in arrays.items()}
+    if gradient:
+        payload.update({k: Array(v.numpy()) for k, v in zip(MODALITY_TERM_ARRAYS, reply.modality_term, strict=True)})
     return RecordDict({
         ARRAYS_RECORD: ArrayRecord(payload),
         CONFIG_RECORD: ConfigRecord({TASK_ROW_IDS: list(reply.task_row_ids),

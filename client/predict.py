@@ -205,8 +205,10 @@ def load_model(
     checkpoint: str | os.PathLike,
     device: torch.device | str = "cpu",
     catalog: str | os.PathLike | None = None,
+    weights: str = "ema",
 ) -> LoadedModel:
-    """Load a checkpoint through :func:`hermes_model.load_checkpoint` with the catalog it names.
+    """Load a checkpoint through :func:`hermes_model.load_checkpoint` with the catalog it names;
+    ``weights`` ``ema`` (default) takes the EMA weights where the file has them, ``raw`` the raw ones.
 
     Raises:
         ValueError: the file is missing or not a usable checkpoint (one line naming the file).
@@ -215,7 +217,7 @@ def load_model(
     if not path.is_file():
         raise ValueError(f"--model {path}: no such checkpoint file")
     try:
-        loaded = load_checkpoint(path, map_location="cpu")
+        loaded = load_checkpoint(path, use_ema=weights == "ema", map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch/pickle/shape errors: all mean "not a usable checkpoint"
         raise ValueError(f"--model {path}: {_first_line(exc)}") from exc
     config = loaded.config
@@ -752,6 +754,7 @@ def predict(
     sw_batch_size: int = DEFAULT_SW_BATCH,
     catalog: str | os.PathLike | None = None,
     progress: bool = True,
+    weights: str = "ema",
 ) -> list[ScanResult]:
     """Segment one scan or a folder of scans (the ``hermes-predict`` command; see the module docstring).
 
@@ -768,6 +771,7 @@ def predict(
         spacing: mm the scans are resampled to: one number or (x, y, z); None = the model's plan's.
         catalog: catalog yaml overriding the checkpoint's.
         progress: progress bars.
+        weights: ``ema`` (default: the EMA weights where the model file has them) or ``raw``.
 
     Returns:
         One :class:`ScanResult` per scan, in input order; a scan that fails does not stop the others.
@@ -779,7 +783,7 @@ def predict(
     canonical = canonical_modality(modality)
     scans, batch = find_scans(input)
     outputs = _output_paths(scans, batch, Path(output))
-    loaded = load_model(model, resolve_device(device), catalog)
+    loaded = load_model(model, resolve_device(device), catalog, weights)
     options = _options_for(loaded, roi=roi, overlap=overlap, blend=blend, spacing=spacing,
                            sw_batch_size=sw_batch_size, probabilities=probabilities, progress=progress)
     selection = resolve_tasks(tasks, loaded, canonical)
@@ -851,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH,
                    help=f"windows per forward pass (default {DEFAULT_SW_BATCH})")
     p.add_argument("--catalog", default=None, help="task catalog yaml (default: the checkpoint's)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="the model file's EMA weights (default, where it has them) or its raw weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -870,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model, args.input, args.output, args.modality, args.tasks, overlap=args.overlap,
                 blend=args.blend, probabilities=args.probabilities, device=args.device, roi=args.roi,
                 spacing=args.spacing, sw_batch_size=args.sw_batch_size, catalog=args.catalog,
-                progress=not args.no_progress,
+                progress=not args.no_progress, weights=args.weights,
             )
     except ValueError as exc:
         print(f"hermes-predict: error: {_first_line(exc)}", file=sys.stderr)

@@ -51,7 +51,16 @@ from client.local_training import LocalResult, TrainData, resolve_devices, train
 from hermes_model import build_model
 from hermes_model.catalog import Catalog, modality_id
 from hermes_model.engine import EngineConfig, TrainEngine
-from hermes_model.exchange import NUM_EXAMPLES, REPLY_CODECS, WIRE_DTYPES, StateLayout, to_wire
+from hermes_model.exchange import (
+    KNOWN_MODALITY,
+    LOCAL_UPDATES,
+    LOSS_TOKENS,
+    NUM_EXAMPLES,
+    REPLY_CODECS,
+    WIRE_DTYPES,
+    StateLayout,
+    to_wire,
+)
 from hermes_model.fileio import atomic_write_json
 from hermes_model.fingerprint import DatasetFingerprint
 from hermes_model.plans import Plans
@@ -128,6 +137,8 @@ class RoundRequest:
         wire_dtype: ``"float32"`` or ``"float16"`` for the reply's arrays.
         reply_codec: ``"xor-zstd"`` (code the reply against the request, losslessly) or ``"none"``.
         proximal_mu: FedProx coefficient (0 = plain FedAvg).
+        local_update: ``steps`` (train ``local_iterations`` steps, reply the weights) or ``gradient`` (reply
+            the gradients of one batch's loss sums, ``hermes_model.exchange.LOCAL_UPDATES``).
         plans: the federation's plan (preprocessing and patch size).
         run_key: the server's name of the run; the site keeps its local state under it, so a new run
             starts clean and a resumed one continues.
@@ -148,6 +159,7 @@ class RoundRequest:
     wire_dtype: str = "float32"
     reply_codec: str = "none"
     proximal_mu: float = 0.0
+    local_update: str = "steps"
     plans: Plans = field(default_factory=Plans)
     run_key: str = "default"
 
@@ -162,6 +174,8 @@ class RoundRequest:
             raise ProtocolError(f"wire-dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.reply_codec not in REPLY_CODECS:
             raise ProtocolError(f"reply-codec must be one of {list(REPLY_CODECS)}, got {self.reply_codec!r}")
+        if self.local_update not in LOCAL_UPDATES:
+            raise ProtocolError(f"local-update must be one of {list(LOCAL_UPDATES)}, got {self.local_update!r}")
         mu = self.proximal_mu
         if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
             raise ProtocolError(f"proximal-mu must be a finite number >= 0, got {mu!r}")
@@ -183,7 +197,9 @@ class RoundRequest:
 
 @dataclass
 class TrainReply:
-    """What a site returns after training: tensors in the wire dtype, the row ids (as received), metrics."""
+    """What a site returns after training: tensors in the wire dtype, the row ids (as received), metrics.
+    A gradient reply holds the segmentation sum's gradient in the three arrays and the modality sum's in
+    ``modality_term`` (backbone, task rows, modality rows)."""
 
     backbone: torch.Tensor
     task_rows: torch.Tensor
@@ -191,6 +207,7 @@ class TrainReply:
     task_row_ids: tuple[int, ...]
     modality_row_ids: tuple[int, ...]
     metrics: dict[str, float]
+    modality_term: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
@@ -422,6 +439,8 @@ class Site:
             num_workers=training.num_workers,
             foreground_prob=training.foreground_oversample,
         )
+        if request.local_update == "gradient":
+            return self._gradient_reply(request, engine, layout, data, start)
         logger.info(
             "site %s: round %d, %d iterations from schedule position %d on %s (%s local state)",
             self.name, request.server_round, request.local_iterations, request.schedule_iteration,
@@ -446,6 +465,29 @@ class Site:
             modality_row_ids=request.modality_row_ids,
             metrics=metrics,
         )
+
+    def _gradient_reply(self, request: RoundRequest, engine: TrainEngine, layout: StateLayout, data: TrainData,
+                        start: float) -> TrainReply:
+        """The gradients of the loss's two sums on one batch of this round (on the primary device, one
+        process), in exchange form; nothing is trained or saved."""
+        if engine.device != self.primary_device:
+            engine = TrainEngine(engine.model, engine.config, self.primary_device)
+        batch = next(iter(data.loader(1)))
+        parts = engine.loss_sum_gradients(batch)
+        samples = int(batch["image"].shape[0])
+        metrics = {NUM_EXAMPLES: samples, **{k: parts.metrics[k] for k in ("loss", "bce", "dice")},
+                   LOSS_TOKENS: parts.tokens, KNOWN_MODALITY: parts.known_modality,
+                   "train-time-s": time.perf_counter() - start}
+        logger.info("site %s: round %d, the gradient of one batch of %d (loss %.4f)", self.name,
+                    request.server_round, samples, parts.metrics["loss"])
+
+        def wire(grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (to_wire(layout.backbone(grads), request.wire_dtype),
+                    to_wire(layout.task_rows(grads, request.task_row_ids), request.wire_dtype),
+                    to_wire(layout.modality_rows(grads, request.modality_row_ids), request.wire_dtype))
+
+        return TrainReply(*wire(parts.segmentation), request.task_row_ids, request.modality_row_ids, metrics,
+                          modality_term=wire(parts.modality))
 
     # -- evaluate ----------------------------------------------------------------------------------
     def evaluate(self, request: RoundRequest) -> dict[str, float]:

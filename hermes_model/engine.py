@@ -31,7 +31,7 @@ from hermes_model.optim import OPTIMIZER_CHOICES, build_optimizer, lr_at_iterati
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 DEEP_SUPERVISION_WEIGHTS = (0.5, 0.5)  # [main, aux]
 BATCH_KEYS = ("image", "target", "task_ids", "modality_ids")
 CHECKPOINT_FORMAT = "hermes-train-engine-v1"
@@ -45,7 +45,8 @@ def _is_int(value: Any) -> bool:
 class EngineConfig:
     """Training hyper-parameters; the defaults are the published recipe.
 
-    ``precision`` "bf16" runs the forward pass under ``torch.autocast(dtype=torch.bfloat16)`` on the
+    ``precision`` "fp64" keeps model and inputs in float64 (for exactness checks); "bf16" runs the
+    forward pass under ``torch.autocast(dtype=torch.bfloat16)`` on the
     model's device type; ``grad_clip`` (None = off) clips the total gradient norm before the step;
     ``channels_last`` keeps model and input in ``torch.channels_last_3d``; ``proximal_mu`` > 0 adds the
     FedProx term ``mu / 2 * ||w - w_ref||^2`` once a reference is set on the engine.
@@ -188,6 +189,23 @@ def compute_loss(outputs: Sequence[Any], batch: Mapping[str, torch.Tensor]) -> L
     return LossTerms(total=total, bce=bce, dice=dice, modality=modality)
 
 
+@dataclass
+class LossSumGradients:
+    """:meth:`TrainEngine.loss_sum_gradients`: parameter name -> gradient of the segmentation sum and of
+    the modality sum (zeros where a parameter takes no part), the two counts, the batch's loss terms."""
+
+    segmentation: dict[str, torch.Tensor]
+    modality: dict[str, torch.Tensor]
+    tokens: int
+    known_modality: int
+    metrics: dict[str, float]
+
+
+def _named(params: Mapping[str, torch.Tensor], grads: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    pairs = zip(params.items(), grads, strict=True)
+    return {name: torch.zeros_like(p) if g is None else g.detach() for (name, p), g in pairs}
+
+
 def _module_device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -206,7 +224,7 @@ class TrainEngine:
     ) -> None:
         self.config = config if config is not None else EngineConfig()
         self.device = torch.device(device) if device is not None else _module_device(model)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device, torch.float64 if self.config.precision == "fp64" else None)
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         cfg = self.config
@@ -288,7 +306,8 @@ class TrainEngine:
         image = batch["image"]
         if image.dim() != 5 or image.shape[1] != 1:
             raise ValueError(f"batch['image'] must be (B, 1, D, H, W), got {tuple(image.shape)}")
-        image = image.to(self.device, dtype=torch.float32, non_blocking=True)
+        dtype = torch.float64 if self.config.precision == "fp64" else torch.float32
+        image = image.to(self.device, dtype=dtype, non_blocking=True)
         if self.config.channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         return {
@@ -339,6 +358,32 @@ class TrainEngine:
         self.iteration += 1
         metrics["lr"] = lr
         return metrics
+
+    def loss_sum_gradients(self, batch: Mapping[str, torch.Tensor]) -> LossSumGradients:
+        """The gradients of the Hermes loss's two sums on ``batch``; no step is taken.
+
+        The loss is ``S / N + w * M / Q``: ``S`` the segmentation terms summed over the batch's non-null
+        task tokens (``N`` of them), ``M`` the modality cross-entropy summed over the samples of known
+        modality (``Q``), ``w`` the modality weight. The batches of several sites are one batch when their
+        sums and counts are added: the union batch's gradient is ``sum dS / sum N + w * sum dM / sum Q``.
+        """
+        self.model.train()
+        inputs = self._prepare_batch(batch)
+        with self._autocast():
+            outputs = self.model(inputs["image"], inputs["task_ids"], inputs["modality_ids"])
+        terms = compute_loss(outputs, inputs)
+        tokens = int((inputs["task_ids"] >= 0).sum())
+        known = int((inputs["modality_ids"] >= 0).sum())
+        loss = float(terms.total.detach())
+        if not math.isfinite(loss):
+            self._raise_if_nonfinite(loss, "loss")
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        seg_sum = (terms.bce + terms.dice) * max(tokens, 1)
+        seg = torch.autograd.grad(seg_sum, list(params.values()), retain_graph=True, allow_unused=True)
+        mod = torch.autograd.grad(terms.modality * known, list(params.values()), allow_unused=True)
+        metrics = terms.as_floats()
+        metrics["loss"] = metrics.pop("total")
+        return LossSumGradients(_named(params, seg), _named(params, mod), tokens, known, metrics)
 
     def _snapshot_buffers(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.model.buffers()]

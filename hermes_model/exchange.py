@@ -38,6 +38,13 @@ NAME_KEY, DATASETS_KEY, FINGERPRINT_KEY, PROTOCOL_KEY = "name", "datasets", "fin
 REFUSED_KEY = "refused"
 PROTOCOL_VERSION = 2  # 2: plans, fingerprints, refusals, run keys (a site and its server must agree)
 
+# how a site updates the model in a round (server setting local-update): ``steps`` (local optimiser steps,
+# the reply holds the new weights) or ``gradient`` (one batch: the reply holds the gradients of the loss's
+# two sums, the segmentation sum in EXCHANGE_ARRAYS and the modality sum in MODALITY_TERM_ARRAYS, with their
+# counts as the metrics LOSS_TOKENS and KNOWN_MODALITY; see TrainEngine.loss_sum_gradients)
+LOCAL_UPDATES = ("steps", "gradient")
+MODALITY_TERM_ARRAYS = tuple(f"modality-term/{name}" for name in EXCHANGE_ARRAYS)
+LOSS_TOKENS, KNOWN_MODALITY = "loss-tokens", "known-modality"
 TASK_BANK_SUFFIX = ".task_prior"
 MODALITY_BANK_SUFFIX = ".modality_prior"
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -51,6 +51,9 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+RAW_STATE_KEY = "raw_state_dict"  # a model file of ours whose state_dict is the EMA keeps the raw weights here
+
+
 def model_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """A self-describing checkpoint: weights, constructor arguments and any extra (e.g. the catalog)."""
     config = getattr(model, "hermes_config", None)
@@ -66,8 +69,9 @@ def load_checkpoint(
     """Load our checkpoint (see :func:`model_checkpoint`) or the published Hermes-R layout
     (``{"model_state_dict", "ema_model_state_dict", ...}``), with ``torch.load(weights_only=True)``.
 
-    For the published layout, the EMA weights are used when present and ``use_ema`` (the reference
-    evaluates the EMA model); the architecture is inferred from the tensor shapes.
+    The EMA weights are used when the file has them and ``use_ema`` (the reference evaluates the EMA
+    model): ours keep the raw weights beside the EMA under :data:`RAW_STATE_KEY`; for the published layout
+    the architecture is inferred from the tensor shapes.
     """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -83,9 +87,11 @@ def load_checkpoint(
         raise ValueError(f"{path}: not a checkpoint (a dict was expected, got {type(ckpt).__name__})")
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         config = dict(ckpt["model_config"])
-        state = ckpt["state_dict"]
-        source, used_ema = "hermes-fl", False
-        extra = {k: v for k, v in ckpt.items() if k not in ("format", "model_config", "state_dict")}
+        used_ema = use_ema or RAW_STATE_KEY not in ckpt
+        state = ckpt["state_dict"] if used_ema else ckpt[RAW_STATE_KEY]
+        used_ema = used_ema and ckpt.get("weights") == "ema"
+        source = "hermes-fl"
+        extra = {k: v for k, v in ckpt.items() if k not in ("format", "model_config", "state_dict", RAW_STATE_KEY)}
     elif "model_state_dict" in ckpt:
         used_ema = use_ema and "ema_model_state_dict" in ckpt
         state = _strip_prefix(ckpt["ema_model_state_dict" if used_ema else "model_state_dict"])

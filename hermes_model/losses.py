@@ -1,7 +1,8 @@
 """Hermes losses (spec section 3): masked BCE + adaptive Tversky Dice per task token, and the modality loss.
 
 Shapes: ``logits`` and ``target`` are (B, n, D, H, W); ``task_ids`` is (B, n) long with -1 for the
-null (padding) token, whose channel carries no loss. Losses are computed in float32.
+null (padding) token, whose channel carries no loss. Losses are computed in float32 (float64 logits stay
+float64).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ MODALITY_LOSS_WEIGHT = 0.01
 _EPS = 1e-6
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 when it is float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _token_weights(task_ids: torch.Tensor) -> torch.Tensor:
     return (task_ids >= 0).float()
 
@@ -26,14 +32,15 @@ def _weighted_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 def masked_bce_loss(logits: torch.Tensor, target: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits averaged over voxels per (sample, token), then over the non-null tokens."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    logits = _wide(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
     return _weighted_mean(bce.flatten(2).mean(-1), _token_weights(task_ids))
 
 
 def adaptive_dice_loss(logits: torch.Tensor, target: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
     """1 - adaptive Tversky index per (sample, token), averaged over the non-null tokens."""
-    prob = torch.sigmoid(logits.float()).flatten(2)
-    gt = target.float().flatten(2)
+    prob = torch.sigmoid(_wide(logits)).flatten(2)
+    gt = target.to(prob.dtype).flatten(2)
     tp = (prob * gt).sum(-1)
     fp = (prob * (1 - gt)).sum(-1)
     fn = ((1 - prob) * gt).sum(-1)
@@ -46,8 +53,8 @@ def modality_loss(modality_logits: torch.Tensor, modality_ids: torch.Tensor) -> 
     """Cross-entropy on the modality logits (B, M); ids (B, 1) with -1 (unknown MR) ignored."""
     ids = modality_ids.reshape(-1).long()
     if not bool((ids >= 0).any()):
-        return modality_logits.float().sum() * 0.0
-    return F.cross_entropy(modality_logits.float(), ids, ignore_index=-1)
+        return _wide(modality_logits).sum() * 0.0
+    return F.cross_entropy(_wide(modality_logits), ids, ignore_index=-1)
 
 
 @dataclass

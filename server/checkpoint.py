@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from hermes_model.catalog import Catalog
-from hermes_model.factory import load_checkpoint, model_checkpoint
+from hermes_model.factory import RAW_STATE_KEY, load_checkpoint, model_checkpoint
 from hermes_model.fileio import atomic_torch_save, atomic_write_bytes
 from hermes_model.plans import Plans
 from hermes_model.trained import PLANS_KEY, TRAINED_TASKS_KEY, TrainedTask, trained_to_dict
@@ -44,7 +45,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL = "final_model.pt"
 PLANS_FILE, FINGERPRINT_FILE = "plans.json", "fingerprint.json"
 SERVER_KEY = "server"
-WEIGHTS_RAW = "raw"  # which weights a model file holds (the server keeps no EMA yet)
+WEIGHTS_RAW, WEIGHTS_EMA = "raw", "ema"  # which weights a model file's state_dict holds
 _ROUND_FILE = re.compile(r"^round_(\d{4,})\.pt$")
 
 
@@ -203,10 +204,15 @@ def model_record(plans: Plans, trained: Mapping[int, TrainedTask]) -> dict[str, 
 
 
 def save_final_model(path: str | os.PathLike, model: nn.Module, catalog: Catalog, plans: Plans,
-                     trained: Mapping[int, TrainedTask], **metadata: Any) -> Path:
+                     trained: Mapping[int, TrainedTask], raw_state: Mapping[str, torch.Tensor] | None = None,
+                     **metadata: Any) -> Path:
     """Write the model a run hands to its users, atomically: weights, build arguments, catalog, plan,
     trained-task table and ``metadata`` (e.g. ``mode``, ``server_round``), in the format every mode
     (federated simulation or deployment, centralized, local-only) shares; ``hermes-predict --model`` reads
-    it. ``weights`` says which weights it holds (:data:`WEIGHTS_RAW`)."""
-    extra = {"weights": WEIGHTS_RAW, **metadata, **model_record(plans, trained)}
+    it. ``model`` holds the EMA weights when ``raw_state`` (the raw weights, kept beside them as
+    :data:`RAW_STATE_KEY`) is given; ``weights`` says which (:data:`WEIGHTS_EMA` or :data:`WEIGHTS_RAW`)."""
+    weights = {"weights": WEIGHTS_RAW}
+    if raw_state is not None:
+        weights = {"weights": WEIGHTS_EMA, RAW_STATE_KEY: {k: v.detach().cpu() for k, v in raw_state.items()}}
+    extra = {**weights, **metadata, **model_record(plans, trained)}
     return atomic_torch_save(path, model_checkpoint(model.cpu().eval(), catalog=catalog.to_dict(), **extra))

@@ -25,10 +25,11 @@ from hermes_model.plans import (
     Plans,
     parse_xyz_setting,
 )
+from server.outer import DEFAULT_OUTER_LR, OuterSettings
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox")
 WEIGHTINGS = ("samples", "uniform")
 
 # Settings that must not change when a run is resumed (they change what a round computes).
@@ -40,7 +41,10 @@ FIXED_ON_RESUME = (
     "seed",
     "local_iterations",
     "sites_per_round",
+    "local_update",
+    "server_optimizer",
     "server_lr",
+    "server_momentum",
     "beta1",
     "beta2",
     "tau",
@@ -71,14 +75,25 @@ class ServerConfig(BaseModel):
         start_timeout_s / round_timeout_s / query_timeout_s: bounded waits, in seconds.
         poll_interval_s: how often the server looks for connected sites and for replies.
         evaluate_every: federated evaluation every N rounds (0 = never; the last round always if > 0).
-        strategy: ``fedavg`` (default), ``fedprox`` (needs ``proximal_mu`` > 0) or ``fedadam``.
+        strategy: the sites' local steps: ``fedavg`` (default) or ``fedprox`` (needs ``proximal_mu`` > 0).
         weighting: ``samples`` (weight = num-examples) or ``uniform``.
         wire_dtype: ``float32`` (lossless) or ``float16`` for the arrays sent to sites.
         reply_codec: ``none`` (plain arrays) or ``xor-zstd``: sites code their train replies losslessly
             against what they received: 20-43 % fewer bytes to upload, for ~1 CPU-second per reply at the
             site and 0.35 s at the server at the published size (README: pays on uplinks slower than
             roughly 300 Mbit/s).
-        server_lr, beta1, beta2, tau: FedAdam's server optimiser.
+        local_update: ``steps`` (default: the sites train ``local_iterations`` optimiser steps and reply
+            their weights) or ``gradient`` (each site replies the gradient of one batch, as sums the server
+            combines into the gradient of the union of the batches; needs ``local_iterations`` 1: with
+            ``server_optimizer`` lamb this is centralized training on the pooled batches).
+        server_optimizer: what the server does with the mean of the replies (``server.outer``): ``sgd``
+            (at ``server_lr`` 1: FedAvg), ``nesterov`` (DiLoCo's outer step, ``server_momentum``), ``adam``
+            (FedAdam: ``beta1``, ``beta2``, ``tau``) or ``lamb`` (the recipe's LAMB, learning rate ``lr`` and
+            schedule on the global step).
+        server_lr: the server optimiser's learning rate; ``"auto"``: sgd 1, nesterov 0.7, adam 0.01, lamb
+            ``lr``.
+        evaluate_ema: evaluate (and hand over as ``final_model.pt``) the server's EMA of the global model
+            (the recipe's decay per global step), not the raw weights.
         run_dir: checkpoints and metrics go here; resume: continue from its latest checkpoint.
         keep_checkpoints: round checkpoints kept on disk (0 = all).
         model, base_channels, modality_slots: the network (``build_model`` arguments).
@@ -111,12 +126,16 @@ class ServerConfig(BaseModel):
     poll_interval_s: float = Field(0.5, gt=0)
     local_iterations: int = Field(400, ge=1)
     evaluate_every: int = Field(1, ge=0)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
     weighting: Literal["samples", "uniform"] = "samples"
     wire_dtype: Literal["float32", "float16"] = "float32"
     reply_codec: Literal["none", "xor-zstd"] = "none"
-    server_lr: float = Field(1e-2, gt=0, allow_inf_nan=False)
+    local_update: Literal["steps", "gradient"] = "steps"
+    server_optimizer: Literal["sgd", "nesterov", "adam", "lamb"] = "sgd"
+    server_lr: float | Literal["auto"] = AUTO
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    evaluate_ema: bool = True
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False)
@@ -151,6 +170,11 @@ class ServerConfig(BaseModel):
                 f"proximal-mu={self.proximal_mu} is only used by strategy 'fedprox' (got strategy="
                 f"{self.strategy!r}); allowed strategies: {list(STRATEGIES)}"
             )
+        if self.server_lr != AUTO and not 0 < self.server_lr < float("inf"):
+            raise ValueError(f"server-lr must be 'auto' or a finite number > 0, got {self.server_lr!r}")
+        if self.local_update == "gradient" and (self.local_iterations != 1 or self.strategy != "fedavg"):
+            raise ValueError(f"local-update 'gradient' takes one batch per round: it needs local-iterations 1 (got "
+                             f"{self.local_iterations}) and strategy fedavg (got {self.strategy!r})")
         if self.sites_per_round and self.min_sites_per_round > self.sites_per_round:
             raise ValueError(
                 f"min-sites-per-round={self.min_sites_per_round} exceeds "
@@ -204,6 +228,19 @@ class ServerConfig(BaseModel):
         return (f"learning rate {self.lr:g} ({self.optimizer}): warm-up {warmup} steps, then poly decay to 0 at step "
                 f"{total}; the run takes {self.run_steps} steps per site ({self.num_server_rounds} rounds x "
                 f"{self.local_iterations}) [{auto}]")
+
+    def outer_settings(self) -> OuterSettings:
+        """The server optimiser (``server.outer``) these settings describe."""
+        kind = self.server_optimizer
+        default_lr = self.lr if kind == "lamb" else DEFAULT_OUTER_LR[kind]
+        lr = default_lr if self.server_lr == AUTO else float(self.server_lr)
+        if kind == "lamb":
+            from hermes_model.engine import EngineConfig
+
+            recipe = EngineConfig(**self.engine_config())
+            return OuterSettings(kind, lr, weight_decay=recipe.weight_decay, betas=recipe.betas, eps=recipe.eps,
+                                 schedule=self.schedule())
+        return OuterSettings(kind, lr, momentum=self.server_momentum, betas=(self.beta1, self.beta2), eps=self.tau)
 
     def engine_config(self) -> dict[str, Any]:
         """The ``EngineConfig`` fields the server fixes for every site (validated by the engine)."""

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -160,10 +161,9 @@ def strategy_options(config: ServerConfig, model: nn.Module, plans: Plans, run_k
         proximal_mu=config.proximal_mu,
         wire_dtype=config.wire_dtype,
         reply_codec=config.reply_codec,
-        server_lr=config.server_lr,
-        beta1=config.beta1,
-        beta2=config.beta2,
-        tau=config.tau,
+        local_update=config.local_update,
+        outer=config.outer_settings(),
+        evaluate_ema=config.evaluate_ema,
         min_replies=config.min_sites_per_round,
         sites_per_round=config.sites_per_round,
         local_iterations=config.local_iterations,
@@ -550,8 +550,15 @@ class FederatedRun:
         """Load the final state into the model and write ``final_model.pt``."""
         assert self.model is not None
         GlobalState.from_record(arrays, self.layout).load_into(self.layout, self.model.state_dict())
-        path = save_final_model(self.store.run_dir / FINAL_MODEL, self.model, self.catalog, self.plans,
-                                self.bank.trained_tasks(), mode="federated", server_round=last_round)
+        handed_over = self.strategy.evaluation_arrays(arrays)
+        raw_state = None
+        if handed_over is not arrays:  # the EMA: the raw weights go into the file too
+            raw_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        final = copy.deepcopy(self.model)
+        GlobalState.from_record(handed_over, self.layout).load_into(self.layout, final.state_dict())
+        path = save_final_model(self.store.run_dir / FINAL_MODEL, final, self.catalog, self.plans,
+                                self.bank.trained_tasks(), raw_state=raw_state, mode="federated",
+                                server_round=last_round)
         history = [m for m in self.store.read_metrics() if m.get("scope") == "aggregate"]
         return RunResult(last_round, self.model, arrays, self.catalog, self.bank, self.strategy, history, path)
 

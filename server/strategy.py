@@ -4,9 +4,12 @@ replying sites that own it, and rows whose owners did not reply keep their value
 
 The global ``ArrayRecord`` this strategy works on has three float32 arrays (``server.state``):
 ``backbone`` (backbone_size,), ``task_rows`` (task_slots, task_row_size) and ``modality_rows``
-(modality_slots, modality_row_size). Averaging is float32 whatever the wire dtype. Options: FedAvg,
-FedProx (sites add the proximal term; the server only sends ``proximal-mu``), and server-side FedAdam
-on the pseudo-gradient of the full state (its moments are part of :meth:`HermesStrategy.state_dict`).
+(modality_slots, modality_row_size). Averaging is float32 whatever the wire dtype. Sites train with
+FedAvg's local steps or FedProx's (sites add the proximal term; the server only sends ``proximal-mu``);
+the average of their replies is a target, and the server optimiser (``server.outer``) steps the global
+model with the pseudo-gradient ``sent - target`` (SGD at learning rate 1: FedAvg). The server also keeps
+the EMA of the global model, which evaluation and the final model use. Optimiser state and EMA are part
+of :meth:`HermesStrategy.state_dict`.
 
 Everything a round does is a function of (seed, round, state): node sampling and the per-site seeds
 are derived from the seed and the round, replies are aggregated in site-name order.
@@ -20,7 +23,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,10 +31,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from hermes_model.engine import EngineConfig
 from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
     CONFIG_RECORD,
+    KNOWN_MODALITY,
+    LOCAL_UPDATES,
+    LOSS_TOKENS,
     MODALITY_ROW_IDS,
     MODALITY_ROWS,
     NUM_EXAMPLES,
@@ -41,13 +48,15 @@ from hermes_model.exchange import (
     StateLayout,
     to_wire,
 )
+from hermes_model.losses import MODALITY_LOSS_WEIGHT
 from server.bank import MODALITY, TASK, PriorBank
+from server.outer import OuterOptimizer, OuterSettings, ServerEMA
 from server.state import GlobalState
 from server.validation import ReplyRejected, Sent, TrainUpdate, parse_evaluate_reply, parse_train_reply
 
 logger = logging.getLogger(__name__)
 
-STRATEGY_KINDS = ("fedavg", "fedprox", "fedadam")
+STRATEGY_KINDS = ("fedavg", "fedprox")
 WEIGHTINGS = ("samples", "uniform")
 
 
@@ -70,10 +79,10 @@ class StrategyOptions:
     proximal_mu: float = 0.0
     wire_dtype: str = "float32"
     reply_codec: str = "none"
-    server_lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    local_update: str = "steps"
+    outer: OuterSettings = field(default_factory=OuterSettings)
+    ema_decay: float = EngineConfig.ema_decay
+    evaluate_ema: bool = True
     min_replies: int = 1
     sites_per_round: int = 0
     local_iterations: int = 1
@@ -91,6 +100,10 @@ class StrategyOptions:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         if self.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire-dtype must be one of ['float32', 'float16'], got {self.wire_dtype!r}")
+        if self.local_update not in LOCAL_UPDATES:
+            raise ValueError(f"local-update must be one of {list(LOCAL_UPDATES)}, got {self.local_update!r}")
+        if self.local_update == "gradient" and (self.local_iterations, self.kind) != (1, "fedavg"):
+            raise ValueError("local-update 'gradient' needs local-iterations 1 and strategy fedavg")
         if self.reply_codec not in REPLY_CODECS:
             raise ValueError(f"reply-codec must be one of {list(REPLY_CODECS)}, got {self.reply_codec!r}")
         if self.kind == "fedprox" and not self.proximal_mu > 0:
@@ -104,7 +117,7 @@ class StrategyOptions:
 
 
 class HermesStrategy(Strategy):
-    """Prior-bank-aware FedAvg / FedProx / FedAdam.
+    """Prior-bank-aware FedAvg / FedProx local training with a server optimiser and a server EMA.
 
     Args:
         layout: the model's state layout (backbone vs prior rows).
@@ -121,8 +134,8 @@ class HermesStrategy(Strategy):
         self.options = options or StrategyOptions()
         self.nodes: dict[int, str] = {}
         self.round_lines: list[dict[str, Any]] = []
-        self.moments: dict[str, torch.Tensor] | None = None
-        self.adam_steps = 0
+        self.outer = OuterOptimizer(layout, self.options.outer)
+        self.ema = ServerEMA(self.options.ema_decay)
         self._current: GlobalState | None = None
         self._sent: dict[int, Sent] = {}
         self._message_nodes: dict[str, int] = {}
@@ -203,7 +216,8 @@ class HermesStrategy(Strategy):
                 "schedule-iteration": (server_round - 1) * opt.local_iterations,
                 "seed": derive_seed(opt.seed, server_round, site),
                 "wire-dtype": opt.wire_dtype,
-                "reply-codec": opt.reply_codec,
+                "reply-codec": opt.reply_codec if opt.local_update == "steps" else "none",
+                "local-update": opt.local_update,
                 "proximal-mu": float(opt.proximal_mu if opt.kind == "fedprox" else 0.0),
                 "model": opt.model_json,
                 "engine": opt.engine_json,
@@ -238,8 +252,14 @@ class HermesStrategy(Strategy):
                 {"round": server_round, "phase": "train", "scope": "aggregate", **summary}
             )
             return None, MetricRecord(summary)
-        target, task_n, mod_n = self._average(updates)
-        new = self._adam(target, task_n > 0, mod_n > 0) if self.options.kind == "fedadam" else target
+        first_step = self.global_step(server_round)
+        if self.options.local_update == "gradient":
+            gradient, task_n, mod_n = self._union_gradient(updates)
+            new = self.outer.step(self._current, gradient, global_step=first_step)
+        else:
+            target, task_n, mod_n = self._average(updates)
+            new = self.outer.step(self._current, target=target, global_step=first_step)
+        self.ema.update(new, first_step, self.options.local_iterations)
         modalities = self._task_modalities(updates)
         for kind, counts in ((TASK, task_n), (MODALITY, mod_n)):
             for row in torch.nonzero(counts > 0).flatten().tolist():
@@ -277,7 +297,8 @@ class HermesStrategy(Strategy):
     ) -> tuple[list[TrainUpdate], list[str]]:
         updates, drops = self._valid_replies(
             server_round, "train", replies,
-            lambda msg, sent, src, site: parse_train_reply(msg, sent or Sent(src, site, (), ()), self.layout),
+            lambda msg, sent, src, site: parse_train_reply(msg, sent or Sent(src, site, (), ()), self.layout,
+                                                           self.options.local_update == "gradient"),
         )
         return [updates[s] for s in sorted(updates)], drops
 
@@ -327,6 +348,32 @@ class HermesStrategy(Strategy):
             }
         )
 
+    def _union_gradient(self, updates: list[TrainUpdate]) -> tuple[GlobalState, torch.Tensor, torch.Tensor]:
+        """The gradient of the union of the sites' batches from their sums (``TrainEngine.loss_sum_gradients``):
+        ``sum dS / sum N + w * sum dM / sum Q``; a row only from the sites that hold it (zero elsewhere).
+
+        Returns the gradient and, per task / modality row, the samples behind it.
+        """
+        assert self._current is not None
+        tokens = max(sum(u.metrics[LOSS_TOKENS] for u in updates), 1.0)
+        known = sum(u.metrics[KNOWN_MODALITY] for u in updates)
+        gradient = GlobalState(*(torch.zeros_like(t) for t in self._current.tensors()))
+        task_n = torch.zeros(gradient.task_rows.shape[0], dtype=torch.float64)
+        mod_n = torch.zeros(gradient.modality_rows.shape[0], dtype=torch.float64)
+        for u in updates:
+            assert u.modality_term is not None
+            scales = [(1.0 / tokens, (u.backbone, u.task_rows, u.modality_rows))]
+            if known:
+                scales.append((MODALITY_LOSS_WEIGHT / known, u.modality_term))
+            tasks, mods = torch.tensor(u.task_ids, dtype=torch.long), torch.tensor(u.modality_ids, dtype=torch.long)
+            for scale, (backbone, task_rows, modality_rows) in scales:
+                gradient.backbone.add_(backbone, alpha=scale)
+                gradient.task_rows.index_add_(0, tasks, task_rows, alpha=scale)
+                gradient.modality_rows.index_add_(0, mods, modality_rows, alpha=scale)
+            task_n[tasks] += u.num_examples
+            mod_n[mods] += u.num_examples
+        return gradient, task_n, mod_n
+
     def _average(self, updates: list[TrainUpdate]) -> tuple[GlobalState, torch.Tensor, torch.Tensor]:
         """Weighted means (float32): backbone over all updates, each row over the updates holding it.
 
@@ -353,41 +400,26 @@ class HermesStrategy(Strategy):
         )
         return new, task_n, mod_n
 
-    def _adam(self, target: GlobalState, task_mask: torch.Tensor, mod_mask: torch.Tensor) -> GlobalState:
-        """Server Adam step on the pseudo-gradient ``target - current`` (rows not updated stay put)."""
-        assert self._current is not None
-        o = self.options
-        if self.moments is None:
-            self.moments = {}
-            for name, t in zip((BACKBONE, TASK_ROWS, MODALITY_ROWS), self._current.tensors(), strict=True):
-                self.moments[f"m/{name}"] = torch.zeros_like(t)
-                self.moments[f"v/{name}"] = torch.zeros_like(t)
-        new = self._current.clone()
-        parts = zip(
-            (BACKBONE, TASK_ROWS, MODALITY_ROWS),
-            self._current.tensors(),
-            target.tensors(),
-            new.tensors(),
-            (None, task_mask, mod_mask),
-            strict=True,
-        )
-        for name, cur, tgt, out, mask in parts:
-            sel = slice(None) if mask is None else mask
-            m, v = self.moments[f"m/{name}"], self.moments[f"v/{name}"]
-            delta = tgt[sel] - cur[sel]
-            m[sel] = o.beta1 * m[sel] + (1 - o.beta1) * delta
-            v[sel] = o.beta2 * v[sel] + (1 - o.beta2) * delta * delta
-            out[sel] = cur[sel] + o.server_lr * m[sel] / (v[sel].sqrt() + o.tau)
-        self.adam_steps += 1
-        return new
-
     # -- evaluate ----------------------------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One ``evaluate`` message per connected site (same payload layout as ``train``)."""
+        """One ``evaluate`` message per connected site (same payload layout as ``train``) with the model
+        :meth:`evaluation_arrays` chooses for ``arrays``."""
+        arrays = self.evaluation_arrays(arrays)
         self._current = GlobalState.from_record(arrays, self.layout)
         return self._messages(server_round, arrays, config, self.available_sites(grid), MessageType.EVALUATE)
+
+    def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model to evaluate and hand to users: the server's EMA when it has one and ``evaluate_ema``,
+        else ``arrays`` (the raw global model)."""
+        if self.options.evaluate_ema and self.ema.state is not None:
+            return self.ema.state.to_record()
+        return arrays
+
+    def global_step(self, server_round: int) -> int:
+        """The global step at which ``server_round`` starts (the sites' schedule position)."""
+        return (server_round - 1) * self.options.local_iterations
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted means (by num-examples) of every metric, e.g. ``dice-mean`` and ``dice/<ds>/<class>``
@@ -407,30 +439,32 @@ class HermesStrategy(Strategy):
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's own state (FedAdam moments), for the round checkpoint."""
-        moments = None if self.moments is None else {k: v.clone() for k, v in self.moments.items()}
-        return {"kind": self.options.kind, "adam_steps": self.adam_steps, "moments": moments}
+        """The strategy's own state (server optimiser and EMA), for the round checkpoint."""
+        return {"kind": self.options.kind, "outer": self.outer.state_dict(), "ema": self.ema.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.options.kind:
             raise ValueError(
                 f"strategy state is for {state.get('kind')!r}, this strategy is {self.options.kind!r}"
             )
-        moments = state.get("moments")
-        self.moments = None if moments is None else {k: v.clone().float() for k, v in moments.items()}
-        self.adam_steps = int(state.get("adam_steps", 0))
+        self.outer.load_state_dict(state["outer"])
+        self.ema.load_state_dict(state["ema"])
 
     def summary(self) -> None:
         o = self.options
         logger.info(
-            "HermesStrategy: %s, weighting=%s, wire=%s, reply codec=%s, min replies=%d, sites/round=%s, proximal-mu=%s",
+            "HermesStrategy: %s local steps, server optimiser %s (lr %g), weighting=%s, wire=%s, reply codec=%s, "
+            "min replies=%d, sites/round=%s, proximal-mu=%s, evaluates the %s model",
             o.kind,
+            o.outer.kind,
+            o.outer.lr,
             o.weighting,
             o.wire_dtype,
             o.reply_codec,
             o.min_replies,
             o.sites_per_round or "all",
             o.proximal_mu,
+            "EMA" if o.evaluate_ema else "raw",
         )
 
 

@@ -18,9 +18,13 @@ from hermes_model.exchange import (
     ARRAYS_RECORD,
     BACKBONE,
     CONFIG_RECORD,
+    EXCHANGE_ARRAYS,
+    KNOWN_MODALITY,
+    LOSS_TOKENS,
     METRICS_RECORD,
     MODALITY_ROW_IDS,
     MODALITY_ROWS,
+    MODALITY_TERM_ARRAYS,
     NUM_EXAMPLES,
     TASK_ROW_IDS,
     TASK_ROWS,
@@ -47,6 +51,7 @@ DROP_REASONS = (
 )
 TRAIN_RECORDS = frozenset({ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD})
 TRAIN_ARRAYS = frozenset({BACKBONE, TASK_ROWS, MODALITY_ROWS})
+GRADIENT_ARRAYS = TRAIN_ARRAYS | frozenset(MODALITY_TERM_ARRAYS)
 
 
 class ReplyRejected(Exception):
@@ -78,6 +83,7 @@ class TrainUpdate:
     Attributes:
         backbone: (backbone_size,); task_rows: (len(task_ids), task_row_size);
         modality_rows: (len(modality_ids), modality_row_size).
+        modality_term: a gradient reply's modality-sum gradient (the same three shapes); None otherwise.
     """
 
     site: str
@@ -88,6 +94,7 @@ class TrainUpdate:
     modality_ids: tuple[int, ...]
     modality_rows: torch.Tensor
     metrics: dict[str, float]
+    modality_term: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,9 @@ class EvalResult:
     metrics: dict[str, float]
 
 
-def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpdate:
-    """Check a train reply against what ``sent`` received; raise :class:`ReplyRejected` if bad."""
+def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout, gradient: bool = False) -> TrainUpdate:
+    """Check a train reply against what ``sent`` received; raise :class:`ReplyRejected` if bad. A
+    ``gradient`` reply (local-update ``gradient``) also holds the modality-term arrays and the counts."""
     if msg.has_error():
         raise ReplyRejected("error-reply", f"code {msg.error.code}: {msg.error.reason}")
     content = msg.content
@@ -108,7 +116,9 @@ def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpd
     num_examples = _num_examples(metrics)
     if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
         raise ReplyRejected("bad-records", "records 'arrays'/'config' have the wrong record type")
-    _check_names("bad-arrays", "arrays", set(arrays.keys()), TRAIN_ARRAYS)
+    _check_names("bad-arrays", "arrays", set(arrays.keys()), GRADIENT_ARRAYS if gradient else TRAIN_ARRAYS)
+    if gradient:
+        _check_counts(metrics)
     task_ids = _echoed_ids(config, TASK_ROW_IDS, sent.task_ids)
     modality_ids = _echoed_ids(config, MODALITY_ROW_IDS, sent.modality_rows)
     shapes = {
@@ -117,6 +127,10 @@ def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpd
         MODALITY_ROWS: (len(modality_ids), layout.modality_row_size),
     }
     tensors = {name: _decode(arrays, name, shape, sent.arrays.get(name)) for name, shape in shapes.items()}
+    term = None
+    if gradient:
+        term = tuple(_decode(arrays, coded, shapes[name], None)
+                     for coded, name in zip(MODALITY_TERM_ARRAYS, EXCHANGE_ARRAYS, strict=True))
     return TrainUpdate(
         sent.site,
         num_examples,
@@ -126,6 +140,7 @@ def parse_train_reply(msg: Message, sent: Sent, layout: StateLayout) -> TrainUpd
         modality_ids,
         tensors[MODALITY_ROWS],
         metrics,
+        term,
     )
 
 
@@ -156,6 +171,13 @@ def _metrics(record: object) -> dict[str, float]:
             raise ReplyRejected("bad-metrics", f"metric {key!r} must be a finite number, got {value!r}")
         out[key] = float(value)
     return out
+
+
+def _check_counts(metrics: Mapping[str, float]) -> None:
+    for key in (LOSS_TOKENS, KNOWN_MODALITY):
+        value = metrics.get(key)
+        if value is None or value < 0 or value != int(value):
+            raise ReplyRejected("bad-metrics", f"a gradient reply needs {key!r} as a count >= 0, got {value!r}")
 
 
 def _num_examples(metrics: Mapping[str, float]) -> float:

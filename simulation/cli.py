@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hermes_model.factory import available_models
-from server.config import STRATEGIES, ServerConfig
+from server.config import STRATEGIES
+from server.outer import OUTER_OPTIMIZERS
 from simulation.compare import COMPARE_PNG, format_comparison, load_runs, write_comparison
 from simulation.run import (
     DEFAULT_BASE_CHANNELS,
@@ -103,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
                      help="server aggregation (default fedavg; fedprox needs --proximal-mu > 0)")
     run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's proximal weight mu")
-    run.add_argument("--server-lr", type=float, default=None, help="FedAdam's server learning rate (default "
-                     f"{ServerConfig.model_fields['server_lr'].default})")
+    run.add_argument("--server-optimizer", choices=OUTER_OPTIMIZERS, default="sgd",
+                     help="what the server does with the mean of the sites' updates (default sgd: at --server-lr 1, "
+                     "FedAvg; nesterov: DiLoCo's outer step; adam: FedAdam; lamb: the recipe's LAMB)")
+    run.add_argument("--server-lr", type=float, default=None,
+                     help="the server optimiser's learning rate (default: sgd 1, nesterov 0.7, adam 0.01, lamb --lr)")
     run.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                      help="run the virtual sites on the existing Ray cluster whose head is at HOST:PORT (as given to "
                      "`ray start --address`); CPUs and GPUs per site then come from the cluster's nodes, and every "
@@ -128,7 +132,8 @@ def _options(args: argparse.Namespace) -> SimOptions:
         gpus_per_site=args.gpus_per_site, evaluate_every=args.evaluate_every, seed=args.seed, lr=args.lr,
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
         strategy=getattr(args, "strategy", "fedavg"), proximal_mu=getattr(args, "proximal_mu", 0.0),
-        server_lr=getattr(args, "server_lr", None), ray_address=getattr(args, "ray_address", None),
+        server_optimizer=getattr(args, "server_optimizer", "sgd"), server_lr=getattr(args, "server_lr", None),
+        ray_address=getattr(args, "ray_address", None),
     )
 
 

@@ -45,7 +45,9 @@ from hermes_model.trained import TrainedTask
 from server.bank import PriorBank, SiteOwnership, parse_site_datasets
 from server.checkpoint import save_final_model
 from server.config import ServerConfig
+from server.outer import ServerEMA
 from server.runner import UNSIZED_TASK_SLOTS, decide_task_slots, initial_catalog, initial_model, model_spec, new_run_key
+from server.state import GlobalState
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +159,10 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
     """
     run_dir = Path(run_dir)
     train_seconds: dict[str, float] = {}
+    layout, steps = StateLayout.from_model(fed.model), fed.config.local_iterations
     for name in sorted(fed.sites):
         site, model = fed.sites[name], copy.deepcopy(fed.model)
+        ema = ServerEMA(EngineConfig.ema_decay)  # as the server keeps it: the recipe's decay per step
         train_seconds[name], samples = 0.0, 0.0
         for server_round in range(1, fed.config.num_server_rounds + 1):
             request = fed.request(name, model, server_round)
@@ -166,18 +170,28 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
             train_seconds[name] += float(reply.metrics.get("train-time-s", 0.0))
             samples += float(reply.metrics[NUM_EXAMPLES])
             _load_reply(model, request, reply)
+            ema.update(GlobalState.from_state_dict(layout, model.state_dict()), (server_round - 1) * steps, steps)
+            handed_over = _with_state(model, layout, ema.state) if fed.config.evaluate_ema else model
             lines = [_line(server_round, "train", name, reply.metrics)]
             if _evaluate_round(fed.config, server_round):
-                metrics = site.evaluate(fed.request(name, model, server_round))
+                metrics = site.evaluate(fed.request(name, handed_over, server_round))
                 lines.append(_line(server_round, "evaluate", name, metrics))
             append_metrics(run_dir, lines)
             logger.info("local-only %s: round %d/%d done", name, server_round, fed.config.num_server_rounds)
         own = fed.ownership[name]
         trained = {t: TrainedTask(t, samples, own.task_modalities.get(t, ()), fed.config.num_server_rounds)
                    for t in own.task_ids}
-        save_final_model(run_dir / "models" / f"{name}.pt", model, fed.catalog, fed.plans, trained, site=name,
-                         mode="local-only")
+        raw_state = model.state_dict() if handed_over is not model else None
+        save_final_model(run_dir / "models" / f"{name}.pt", handed_over, fed.catalog, fed.plans, trained,
+                         raw_state=raw_state, site=name, mode="local-only")
     return train_seconds
+
+
+def _with_state(model: nn.Module, layout: StateLayout, state: GlobalState) -> nn.Module:
+    """A copy of ``model`` holding ``state``."""
+    out = copy.deepcopy(model)
+    state.load_into(layout, out.state_dict())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- centralized
@@ -226,15 +240,12 @@ def _engine_config(fed: Federation, device: torch.device) -> EngineConfig:
 
 def run_centralized(
     fed: Federation, run_dir: str | os.PathLike, devices: Sequence[torch.device] | None = None
-) -> tuple[nn.Module, float, dict[int, TrainedTask]]:
-    """Train one model on the pooled training splits (module docstring); write metric lines.
+) -> CentralizedResult:
+    """Train one model on the pooled training splits (module docstring); write metric lines. Evaluation
+    uses the EMA when the server config's ``evaluate_ema`` says so, as a federated run does.
 
     Args:
         devices: training devices (default: every GPU, else the CPU); several devices train with DDP.
-
-    Returns:
-        The trained model (on the CPU), the seconds of training (sum over rounds) and its trained-task
-        table (samples counted per task, modalities of the datasets holding it).
     """
     run_dir = Path(run_dir)
     devices = list(devices) if devices is not None else resolve_devices("auto")
@@ -257,8 +268,9 @@ def run_centralized(
         metrics = {NUM_EXAMPLES: result.samples, **result.metrics(), "train-time-s": took}
         lines = [_line(server_round, "train", CENTRALIZED_SITE, metrics)]
         if _evaluate_round(fed.config, server_round):
+            evaluated = engine.ema.module if fed.config.evaluate_ema else engine.model
             lines += [_line(server_round, "evaluate", name, fed.sites[name].evaluate(
-                fed.request(name, engine.model, server_round))) for name in sorted(fed.sites)]
+                fed.request(name, evaluated, server_round))) for name in sorted(fed.sites)]
         append_metrics(run_dir, lines)
         logger.info("centralized: round %d/%d done (%.1f s)", server_round, fed.config.num_server_rounds,
                     took)
@@ -268,7 +280,18 @@ def run_centralized(
             modalities.setdefault(task, set()).update(mods)
     trained = {t: TrainedTask(t, float(n), tuple(sorted(modalities.get(t, ()))), fed.config.num_server_rounds)
                for t, n in sorted(task_samples.items())}
-    return engine.model.cpu().eval(), seconds, trained
+    return CentralizedResult(engine.model.cpu().eval(), engine.ema.module.cpu().eval(), seconds, trained)
+
+
+@dataclass(frozen=True)
+class CentralizedResult:
+    """The pooled model's raw weights and its EMA (the recipe's decay per step), the seconds of training
+    (sum over rounds) and its trained-task table (samples per task, modalities of the datasets holding it)."""
+
+    model: nn.Module
+    ema: nn.Module
+    seconds: float
+    trained: dict[int, TrainedTask]
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,9 @@ class SimOptions:
             six rounds or more (a curve of whole-scan Dice), else the last round only.
         seed: seed of the initial weights and the patch sampling.
         lr: base learning rate.
-        strategy, proximal_mu, server_lr: the server's aggregation (``server.config.STRATEGIES``; FedProx's
-            mu; FedAdam's learning rate, None = the server's default); federated runs only.
+        strategy, proximal_mu, server_optimizer, server_lr: the server's aggregation (the sites' local
+            steps ``server.config.STRATEGIES``; FedProx's mu; the server optimiser ``server.outer`` and its
+            learning rate, None = its default); federated runs only.
         quick: the small smoke-test schedule (2 rounds, 2 sites, few steps) unless set explicitly.
         echo: copy Flower's output to the console.
         resume: continue the federated run in ``run_dir`` from its latest round checkpoint (up to
@@ -117,6 +118,7 @@ class SimOptions:
     lr: float = 2e-3
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
+    server_optimizer: str = "sgd"
     server_lr: float | None = None
     quick: bool = False
     echo: bool = True
@@ -252,6 +254,7 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         interpolation=DEMO_INTERPOLATION,
         strategy=opts.strategy,
         proximal_mu=opts.proximal_mu,
+        server_optimizer=opts.server_optimizer,
         **server_lr,
     )
 
@@ -394,8 +397,10 @@ def run_centralized_mode(opts: SimOptions) -> SimResult:
     run_dir, staged, config = _prepare(opts, "centralized")
     start = time.perf_counter()
     fed = build_federation(config, [s.path for s in staged])
-    model, _, trained = run_centralized(fed, run_dir)
-    save_final_model(run_dir / FINAL_MODEL, model, fed.catalog, fed.plans, trained, mode="centralized",
+    pooled = run_centralized(fed, run_dir)
+    ema = config.evaluate_ema
+    save_final_model(run_dir / FINAL_MODEL, pooled.ema if ema else pooled.model, fed.catalog, fed.plans,
+                     pooled.trained, raw_state=pooled.model.state_dict() if ema else None, mode="centralized",
                      server_round=config.num_server_rounds)
     summary = _summary("centralized", opts, config, staged, time.perf_counter() - start,
                        {"batch_size": sum(s.config.training.batch_size for s in staged)})
@@ -409,10 +414,10 @@ def run_mode(mode: str, opts: SimOptions) -> SimResult:
     }
     if mode not in runners:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    aggregation = (opts.strategy, opts.proximal_mu, opts.server_lr) != ("fedavg", 0.0, None)
-    if mode != "federated" and aggregation:
-        raise ValueError(f"--strategy, --proximal-mu and --server-lr set the server's aggregation: federated "
-                         f"runs only, not {mode}")
+    aggregation = (opts.strategy, opts.proximal_mu, opts.server_optimizer, opts.server_lr)
+    if mode != "federated" and aggregation != ("fedavg", 0.0, "sgd", None):
+        raise ValueError(f"--strategy, --proximal-mu, --server-optimizer and --server-lr set the server's "
+                         f"aggregation: federated runs only, not {mode}")
     return runners[mode](opts)
 
 

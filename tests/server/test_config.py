@@ -35,7 +35,9 @@ def test_dashed_run_config_keys_and_client_keys_ignored():
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        ({"strategy": "fedsgd"}, "strategy.*'fedavg', 'fedprox' or 'fedadam'"),
+        ({"strategy": "fedsgd"}, "strategy.*'fedavg' or 'fedprox'"),
+        ({"server-optimizer": "yogi"}, "server-optimizer.*'sgd', 'nesterov', 'adam' or 'lamb'"),
+        ({"server-lr": 0}, "server-lr must be 'auto' or a finite number > 0"),
         ({"strategy": "fedprox"}, "needs proximal-mu > 0"),
         ({"proximal-mu": 0.1}, "only used by strategy 'fedprox'"),
         ({"weighting": "cases"}, "weighting"),

@@ -15,6 +15,7 @@ from server.app import app
 from server.checkpoint import RunStore, load_round_checkpoint
 from server.config import ServerConfig
 from server.runner import SiteWaitTimeout, initial_catalog, initial_model, run_federation, send_and_collect
+from server.state import GlobalState
 from tests.server.fakes import FakeGrid, FakeSite, dataset_json, small_catalog
 
 ALPHA = ("alpha", "CT", {1: "liver", 2: "tumour"})
@@ -43,7 +44,7 @@ def _config(tmp_path: Path, run_dir: str, **overrides) -> ServerConfig:
         round_timeout_s=30,
         query_timeout_s=5,
         local_iterations=2,
-        strategy="fedadam",
+        server_optimizer="adam",
         base_channels=8,
         task_slots=8,
         modality_slots=6,
@@ -75,9 +76,12 @@ def test_resume_after_a_crash_equals_a_straight_run(tmp_path):
     initial = initial_model(_config(tmp_path, "x"))
     assert not all(torch.equal(a[k], v) for k, v in initial.state_dict().items())  # training moved it
     assert resumed.bank == straight.bank and resumed.catalog == straight.catalog
-    moments_a, moments_b = straight.strategy.state_dict(), resumed.strategy.state_dict()
-    assert moments_a["adam_steps"] == moments_b["adam_steps"] == 4
-    assert all(torch.equal(moments_a["moments"][k], moments_b["moments"][k]) for k in moments_a["moments"])
+    outer_a, outer_b = straight.strategy.outer, resumed.strategy.outer
+    assert outer_a.steps == outer_b.steps == 4
+    state_a, state_b = outer_a.optimizer.state_dict()["state"], outer_b.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) == len(outer_a.params)
+    assert all(torch.equal(state_a[i][m], state_b[i][m]) for i in state_a for m in ("exp_avg", "exp_avg_sq"))
+    assert straight.strategy.ema.state.equal(resumed.strategy.ema.state)
     lines_a, lines_b = RunStore(tmp_path / "straight").read_metrics(), store.read_metrics()
     assert _timeless(lines_a) == _timeless(lines_b)
     # per-site lines carry site names (never node ids); aggregates of train and evaluate are there
@@ -226,3 +230,17 @@ def test_initial_weights_from_the_published_layout_use_the_ema_weights(tmp_path)
     assert "alpha" in catalog  # the configured catalog (the published file carries none)
     with pytest.raises(ValueError, match="does not exist"):
         initial_model(_config(tmp_path, "x", initial_weights=str(tmp_path / "missing.pt")))
+
+
+def test_final_model_holds_the_ema_and_the_raw_weights(tmp_path):
+    cfg = _config(tmp_path, "run", num_server_rounds=3, evaluate_every=0, server_optimizer="sgd")
+    result = run_federation(FakeGrid(_sites()), cfg)
+    ema = result.strategy.ema.state
+    layout = result.strategy.layout
+    assert ema is not None and not ema.equal(GlobalState.from_state_dict(layout, result.model.state_dict()))
+    handed = load_checkpoint(result.final_model)
+    assert handed.used_ema and handed.extra["weights"] == "ema" and "raw_state_dict" not in handed.extra
+    assert GlobalState.from_state_dict(layout, handed.model.state_dict()).equal(ema)
+    raw = load_checkpoint(result.final_model, use_ema=False)
+    assert not raw.used_ema
+    assert all(torch.equal(v, raw.model.state_dict()[k]) for k, v in result.model.state_dict().items())

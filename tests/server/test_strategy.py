@@ -1,4 +1,5 @@
-"""HermesStrategy with real Flower records as replies: payloads, averaging, validation, FedAdam, evaluate."""
+"""HermesStrategy with real Flower records as replies: payloads, averaging, validation, server optimisers,
+EMA, evaluate."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from hermes_model.exchange import (
 from hermes_model.plans import Plans
 from server.bank import PriorBank, parse_site_datasets
 from server.checkpoint import RunStore, load_round_checkpoint
+from server.outer import OuterSettings
 from server.state import GlobalState
 from server.strategy import HermesStrategy, StrategyOptions, derive_seed
 from server.validation import DROP_REASONS
@@ -372,15 +374,17 @@ def _plus(msgs: dict, delta: float, dtype=np.float32) -> list[Message]:
     return out
 
 
-def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, tmp_path):
+def test_server_adam_moves_the_model_and_its_state_round_trips(setup, small_model, tmp_path):
     layout, bank, state, grid, make = setup
-    strategy = make(kind="fedadam", server_lr=0.1, tau=1e-3)
+    outer = OuterSettings("adam", 0.1, betas=(0.9, 0.99), eps=1e-3)
+    strategy = make(outer=outer)
     msgs = _messages(strategy, state, grid)
     only_a = {11: msgs[11]}
     new = GlobalState.from_record(strategy.aggregate_train(1, _plus(only_a, 0.5))[0], layout)
-    step = 0.1 * 0.05 / (0.05 + 1e-3)  # lr * m / (sqrt(v) + tau) after one step of delta 0.5
+    step = 0.1 * 0.5 / (0.5 + 1e-3)  # bias-corrected Adam's first step: lr * g / (|g| + eps)
     assert torch.allclose(new.backbone - state.backbone, torch.full_like(state.backbone, step), atol=1e-5)
     assert torch.allclose(new.task_rows[[0, 1]] - state.task_rows[[0, 1]], torch.tensor(step), atol=1e-5)
+    # rows nobody trained have a zero gradient: Adam's first step leaves them where they were
     assert torch.equal(new.task_rows[2:], state.task_rows[2:]) and torch.equal(
         new.modality_rows[1:], state.modality_rows[1:]
     )
@@ -396,7 +400,7 @@ def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, t
         plans=Plans(),
         run_key="test-run",
     )
-    restored = make(kind="fedadam", server_lr=0.1, tau=1e-3)
+    restored = make(outer=outer)
     restored.load_state_dict(load_round_checkpoint(tmp_path / "checkpoints" / "round_0001.pt").strategy_state)
     outs = []
     for strat in (strategy, restored):
@@ -404,8 +408,58 @@ def test_fedadam_moves_the_model_and_its_state_round_trips(setup, small_model, t
         outs.append(strat.aggregate_train(2, _plus(msgs2, -0.2))[0])
     first, second = (GlobalState.from_record(o, layout) for o in outs)
     assert first.equal(second) and not first.equal(new)
-    with pytest.raises(ValueError, match="fedavg"):
+    with pytest.raises(ValueError, match="'adam'"):
         make().load_state_dict(strategy.state_dict())
+
+
+def test_server_nesterov_carries_momentum_into_the_next_round(setup):
+    layout, _, state, grid, make = setup
+    strategy = make(outer=OuterSettings("nesterov", 0.5, momentum=0.9))
+    one = GlobalState.from_record(strategy.aggregate_train(1, _plus(_messages(strategy, state, grid), 0.25))[0], layout)
+    # Nesterov: buffer b = g, step lr * (g + momentum * b) with g = sent - mean = -0.25
+    expected = state.backbone + 0.5 * 0.25 * 1.9
+    torch.testing.assert_close(one.backbone, expected, rtol=0, atol=1e-6)
+    # a round whose replies equal what was sent (zero gradient) still moves: the momentum
+    two = GlobalState.from_record(strategy.aggregate_train(2, _plus(_messages(strategy, one, grid, 2), 0.0))[0], layout)
+    torch.testing.assert_close(two.backbone, one.backbone + 0.5 * 0.9 * 0.9 * 0.25, rtol=0, atol=1e-6)
+
+
+def test_server_sgd_at_lr_1_lands_on_the_weighted_mean_bit_for_bit(setup):
+    layout, _, state, grid, make = setup
+    strategy = make()
+    assert strategy.options.outer == OuterSettings("sgd", 1.0)
+    msgs = _messages(strategy, state, grid)
+    replies, parts = [], []
+    rng = np.random.default_rng(3)
+    for node, msg in msgs.items():
+        got = received(msg)
+        backbone = (got[BACKBONE] + rng.normal(0, 1e-3, got[BACKBONE].shape)).astype(np.float32)
+        parts.append((COUNTS[node], torch.from_numpy(backbone)))
+        cfg = msg.content[CONFIG_RECORD]
+        replies.append(Message(train_content(backbone, got[TASK_ROWS], got[MODALITY_ROWS], list(cfg[TASK_ROW_IDS]),
+                                             list(cfg["modality_row_ids"]), COUNTS[node]), reply_to=msg))
+    new = GlobalState.from_record(strategy.aggregate_train(1, replies)[0], layout)
+    mean = torch.zeros_like(state.backbone)
+    for weight, backbone in sorted(parts, key=lambda p: p[0]):  # replies are averaged in site-name order
+        mean.add_(backbone, alpha=weight)
+    mean.div_(sum(w for w, _ in parts))
+    assert torch.equal(new.backbone, mean)
+
+
+def test_server_ema_decays_by_the_product_of_the_rounds_step_alphas(setup):
+    layout, _, state, grid, make = setup
+    strategy = make(local_iterations=3, ema_decay=0.99)
+    one = GlobalState.from_record(strategy.aggregate_train(1, _plus(_messages(strategy, state, grid), 1.0))[0], layout)
+    assert strategy.ema.state is not None and strategy.ema.state.equal(one)  # step 0's alpha is 0: a copy
+    two = GlobalState.from_record(strategy.aggregate_train(2, _plus(_messages(strategy, one, grid, 2), 1.0))[0], layout)
+    keep = (1 - 1 / 4) * (1 - 1 / 5) * (1 - 1 / 6)  # steps 3, 4, 5 of round 2
+    torch.testing.assert_close(strategy.ema.state.backbone, keep * one.backbone + (1 - keep) * two.backbone)
+    # evaluation and the final model use the EMA; evaluate_ema=False the raw model
+    evaluated = strategy.evaluation_arrays(two.to_record())
+    assert GlobalState.from_record(evaluated, layout).equal(strategy.ema.state)
+    raw = make(local_iterations=3, evaluate_ema=False)
+    raw.ema.state = strategy.ema.state
+    assert GlobalState.from_record(raw.evaluation_arrays(two.to_record()), layout).equal(two)
 
 
 def test_evaluate_weighted_dice_per_task(setup):

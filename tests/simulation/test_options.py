@@ -72,10 +72,11 @@ def test_strategy_options_reach_the_server_config(tmp_path):
     assert config().strategy == "fedavg"
     prox = config("--strategy", "fedprox", "--proximal-mu", "0.01")
     assert (prox.strategy, prox.proximal_mu) == ("fedprox", 0.01)
-    adam = config("--strategy", "fedadam", "--server-lr", "0.05")
-    assert (adam.strategy, adam.server_lr) == ("fedadam", 0.05)
+    adam = config("--server-optimizer", "adam", "--server-lr", "0.05")
+    assert (adam.strategy, adam.server_optimizer, adam.server_lr) == ("fedavg", "adam", 0.05)
+    assert adam.outer_settings().lr == 0.05 and config("--server-optimizer", "nesterov").outer_settings().lr == 0.7
     with pytest.raises(ValueError, match="needs proximal-mu > 0"):
         config("--strategy", "fedprox")
     with pytest.raises(ValueError, match="federated runs only, not local-only"):
-        run_mode("local-only", SimOptions(quick=True, strategy="fedadam", run_dir=tmp_path / "local"))
+        run_mode("local-only", SimOptions(quick=True, server_optimizer="adam", run_dir=tmp_path / "local"))
     assert not (tmp_path / "local").exists()  # refused before anything is written
