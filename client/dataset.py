@@ -619,6 +619,28 @@ def loader_generator(seed: int, start_epoch: int = 0, rank: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(derived_seed(seed, start_epoch, rank))
 
 
+def round_sampling_seed(run_seed: int, server_round: int, site: str, site_seed: int = 0) -> int:
+    """The seed of the patches ``site`` draws in ``server_round`` of a run seeded ``run_seed`` (``site_seed``:
+    the site config's own seed): the one sampling plan of the federated, centralized and local-only arms."""
+    return derived_seed(run_seed, server_round, site_seed, *site.encode())
+
+
+def concat_batches(batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch of several (:func:`collate_padded` form), task tokens padded to the largest count."""
+    n_max = max(int(b["task_ids"].shape[1]) for b in batches)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        extra = n_max - t.shape[1]
+        return t if extra == 0 else torch.cat([t, t.new_full((t.shape[0], extra, *t.shape[2:]), value)], dim=1)
+
+    return {
+        "image": torch.cat([b["image"] for b in batches]),
+        "target": torch.cat([pad(b["target"], 0) for b in batches]),
+        "task_ids": torch.cat([pad(b["task_ids"], -1) for b in batches]),
+        "modality_ids": torch.cat([b["modality_ids"] for b in batches]),
+    }
+
+
 def derived_seed(*entropy: int) -> int:
     """A 64-bit seed that is a function of ``entropy`` only (independent streams for distinct tuples)."""
     return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0])

@@ -44,6 +44,7 @@ from client.dataset import (
     PreprocessedDataset,
     TrainPatchDataset,
     collate_padded,
+    concat_batches,
     derived_seed,
     loader_generator,
     make_loader,
@@ -194,6 +195,23 @@ class TrainData:
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=collate_padded, generator=loader_generator(self.seed, self.start_epoch, rank), **extra,
         )
+
+
+@dataclass(frozen=True)
+class UnionData:
+    """Several sites' :class:`TrainData` drawn side by side: step ``i``'s batch is the concatenation of
+    every part's batch ``i`` (what the sites of a federated round draw; the centralized arm's batches). With
+    several processes each takes its share of every part."""
+
+    parts: tuple[TrainData, ...]
+
+    @property
+    def seed(self) -> int:
+        return derived_seed(*(p.seed for p in self.parts))
+
+    def loader(self, iterations: int, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        loaders = [p.loader(iterations, rank, world_size) for p in self.parts]
+        return (concat_batches(batches) for batches in zip(*loaders, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -350,7 +368,7 @@ def run_iterations(
 class _Job:
     model_factory: Callable[[], nn.Module]
     engine_config: dict[str, Any]
-    data: TrainData
+    data: TrainData | UnionData
     iterations: int
     devices: tuple[str, ...]
     scratch: str
@@ -422,7 +440,7 @@ def _cpu_state(state: Any) -> Any:
 def train_local(
     engine: TrainEngine,
     model_factory: Callable[[], nn.Module],
-    data: TrainData,
+    data: TrainData | UnionData,
     iterations: int,
     devices: Sequence[torch.device],
     *,

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from client.config import DatasetConfig, SiteConfig, load_site_config
-from client.dataset import PreprocessedDataset, derived_seed
+from client.dataset import PreprocessedDataset, derived_seed, round_sampling_seed
 from client.formats import CaseSpec
 from client.local_training import LocalResult, TrainData, resolve_devices, train_local
 from hermes_model import build_model
@@ -133,7 +133,7 @@ class RoundRequest:
         engine: EngineConfig fields the server fixes.
         local_iterations: optimiser steps to train.
         schedule_iteration: global learning-rate schedule position at the start of the round.
-        seed: the federation's seed (the round's patches are drawn with ``seed + server_round``).
+        seed: the federation's seed (the round's patches: ``client.dataset.round_sampling_seed``).
         wire_dtype: ``"float32"`` or ``"float16"`` for the reply's arrays.
         reply_codec: ``"xor-zstd"`` (code the reply against the request, losslessly) or ``"none"``.
         proximal_mu: FedProx coefficient (0 = plain FedAvg).
@@ -435,7 +435,7 @@ class Site:
             datasets=tuple(datasets),
             patch_size=tuple(reversed(request.plans.patch_size)),  # plan (x, y, z) -> arrays (D, H, W)
             batch_size=training.batch_size,
-            seed=request.seed + request.server_round + training.seed,
+            seed=round_sampling_seed(request.seed, request.server_round, self.name, training.seed),
             num_workers=training.num_workers,
             foreground_prob=training.foreground_oversample,
         )

@@ -214,7 +214,7 @@ class HermesStrategy(Strategy):
                 MODALITY_ROW_IDS: list(own.modality_rows),
                 "local-iterations": opt.local_iterations,
                 "schedule-iteration": (server_round - 1) * opt.local_iterations,
-                "seed": derive_seed(opt.seed, server_round, site),
+                "seed": opt.seed,  # the site derives its round's patches from it (round_sampling_seed)
                 "wire-dtype": opt.wire_dtype,
                 "reply-codec": opt.reply_codec if opt.local_update == "steps" else "none",
                 "local-update": opt.local_update,

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hermes_model.exchange import LOCAL_UPDATES
 from hermes_model.factory import available_models
 from server.config import STRATEGIES
 from server.outer import OUTER_OPTIMIZERS
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-optimizer", choices=OUTER_OPTIMIZERS, default="sgd",
                      help="what the server does with the mean of the sites' updates (default sgd: at --server-lr 1, "
                      "FedAvg; nesterov: DiLoCo's outer step; adam: FedAdam; lamb: the recipe's LAMB)")
+    run.add_argument("--local-update", choices=LOCAL_UPDATES, default="steps",
+                     help="steps (default: --local-iterations optimiser steps per round) or gradient (one batch's "
+                     "gradient per round, combined into the union batch's: with --server-optimizer lamb and "
+                     "--local-iterations 1 this is centralized training)")
     run.add_argument("--server-lr", type=float, default=None,
                      help="the server optimiser's learning rate (default: sgd 1, nesterov 0.7, adam 0.01, lamb --lr)")
     run.add_argument("--ray-address", default=None, metavar="HOST:PORT",
@@ -132,7 +137,8 @@ def _options(args: argparse.Namespace) -> SimOptions:
         gpus_per_site=args.gpus_per_site, evaluate_every=args.evaluate_every, seed=args.seed, lr=args.lr,
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
         strategy=getattr(args, "strategy", "fedavg"), proximal_mu=getattr(args, "proximal_mu", 0.0),
-        server_optimizer=getattr(args, "server_optimizer", "sgd"), server_lr=getattr(args, "server_lr", None),
+        server_optimizer=getattr(args, "server_optimizer", "sgd"), local_update=getattr(args, "local_update", "steps"),
+        server_lr=getattr(args, "server_lr", None),
         ray_address=getattr(args, "ray_address", None),
     )
 

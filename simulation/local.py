@@ -7,11 +7,12 @@ training engine, recipe, schedule and sliding-window evaluation.
   trains ``local_iterations`` steps from its own weights of the previous round (its optimiser state kept
   on its disk), so each site makes the same number of local steps as in the federated run, and it is
   evaluated on its own validation split.
-- :func:`run_centralized`: one model on the POOLED training splits of all sites, with the batch size of
-  all sites together (the sum of their batch sizes) for ``rounds x local_iterations`` steps: the same
-  number of training samples and the same learning-rate schedule as the federated run. Each dataset is
-  drawn with probability proportional to its site's batch size times its sample weight within its site,
-  as the federated round does in expectation. It is evaluated on every site's validation split.
+- :func:`run_centralized`: one model on the POOLED training splits of all sites for ``rounds x
+  local_iterations`` steps, each step on the union of the sites' batches (:func:`union_data`): exactly the
+  patches the sites of the federated run draw, with its learning-rate schedule. It is evaluated on every
+  site's validation split.
+
+All three arms draw a site's patches of a round with :func:`client.dataset.round_sampling_seed`.
 
 Both write ``metrics.jsonl`` lines in the server's format (``phase`` train/evaluate, ``scope`` site, the
 site's metrics), so the report code is the same for every mode.
@@ -33,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.dataset import PreprocessedDataset
-from client.local_training import TrainData, resolve_devices, train_local
+from client.dataset import round_sampling_seed
+from client.local_training import TrainData, UnionData, resolve_devices, train_local
 from client.site import RoundRequest, Site
 from hermes_model.catalog import Catalog
 from hermes_model.engine import EngineConfig, TrainEngine
@@ -195,36 +196,25 @@ def _with_state(model: nn.Module, layout: StateLayout, state: GlobalState) -> nn
 
 
 # ----------------------------------------------------------------------------------------------- centralized
-def pooled_datasets(fed: Federation, split: str = "train") -> list[PreprocessedDataset]:
-    """Every site's preprocessed datasets (``split``), each dataset's sample weight scaled so a site's
-    datasets together weigh as much as its batch size."""
-    out = []
+def union_data(fed: Federation, server_round: int, processes: int = 1) -> UnionData:
+    """The batches of ``server_round`` in every arm: each site's own datasets and batch size, its patches
+    drawn with :func:`client.dataset.round_sampling_seed` (as its ClientApp draws them), concatenated site
+    by site. With several ``processes`` each takes an equal share of every site's batch."""
+    parts = []
     for name in sorted(fed.sites):
-        site, own = fed.sites[name], fed.ownership[name]
-        site.ensure_preprocessed(fed.plans)
-        ids = site.task_ids(own.task_map)
-        weights = {ds.name: ds.resolved_weights(fed.catalog)[0] for ds in site.config.datasets}
-        total = sum(weights.values())
-        batch = site.config.training.batch_size
-        for ds in site.config.datasets:
-            folder = site.config.preprocessed_dir / ds.name
-            weight = batch * weights[ds.name] / total
-            out.append(PreprocessedDataset.open(folder, ids[ds.name], split=split, sample_weight=weight))
-    return out
-
-
-def _pooled_data(fed: Federation, server_round: int) -> TrainData:
-    sites = [fed.sites[n] for n in sorted(fed.sites)]
-    first = sites[0].config.training
-    return TrainData(
-        datasets=tuple(pooled_datasets(fed)),
-        patch_size=tuple(reversed(fed.plans.patch_size)),
-        batch_size=sum(s.config.training.batch_size for s in sites),
-        seed=fed.config.seed + first.seed,
-        num_workers=first.num_workers,
-        foreground_prob=first.foreground_oversample,
-        start_epoch=server_round - 1,
-    )
+        site, training = fed.sites[name], fed.sites[name].config.training
+        if training.batch_size % processes:
+            raise ValueError(f"site {name!r}: batch size {training.batch_size} does not split over {processes} "
+                             "training processes; use a number of devices that divides every site's batch size")
+        parts.append(TrainData(
+            datasets=tuple(site.open_datasets(fed.ownership[name].task_map, "train", fed.plans)),
+            patch_size=tuple(reversed(fed.plans.patch_size)),
+            batch_size=training.batch_size // processes,
+            seed=round_sampling_seed(fed.config.seed, server_round, name, training.seed),
+            num_workers=training.num_workers,
+            foreground_prob=training.foreground_oversample,
+        ))
+    return UnionData(tuple(parts))
 
 
 def _engine_config(fed: Federation, device: torch.device) -> EngineConfig:
@@ -260,7 +250,7 @@ def run_centralized(
     for server_round in range(1, fed.config.num_server_rounds + 1):
         engine.iteration = (server_round - 1) * iterations
         start = time.perf_counter()
-        result = train_local(engine, factory, _pooled_data(fed, server_round), iterations, devices,
+        result = train_local(engine, factory, union_data(fed, server_round, len(devices)), iterations, devices,
                              scratch_dir=scratch)
         took = time.perf_counter() - start
         seconds += took

@@ -90,9 +90,10 @@ class SimOptions:
             six rounds or more (a curve of whole-scan Dice), else the last round only.
         seed: seed of the initial weights and the patch sampling.
         lr: base learning rate.
-        strategy, proximal_mu, server_optimizer, server_lr: the server's aggregation (the sites' local
-            steps ``server.config.STRATEGIES``; FedProx's mu; the server optimiser ``server.outer`` and its
-            learning rate, None = its default); federated runs only.
+        strategy, proximal_mu, server_optimizer, server_lr, local_update: the server's aggregation (the
+            sites' local steps ``server.config.STRATEGIES``; FedProx's mu; the server optimiser
+            ``server.outer`` and its learning rate, None = its default; steps or one batch's gradient per
+            round); federated runs only.
         quick: the small smoke-test schedule (2 rounds, 2 sites, few steps) unless set explicitly.
         echo: copy Flower's output to the console.
         resume: continue the federated run in ``run_dir`` from its latest round checkpoint (up to
@@ -119,6 +120,7 @@ class SimOptions:
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
     server_optimizer: str = "sgd"
+    local_update: str = "steps"
     server_lr: float | None = None
     quick: bool = False
     echo: bool = True
@@ -255,6 +257,7 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         strategy=opts.strategy,
         proximal_mu=opts.proximal_mu,
         server_optimizer=opts.server_optimizer,
+        local_update=opts.local_update,
         **server_lr,
     )
 
@@ -414,10 +417,10 @@ def run_mode(mode: str, opts: SimOptions) -> SimResult:
     }
     if mode not in runners:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    aggregation = (opts.strategy, opts.proximal_mu, opts.server_optimizer, opts.server_lr)
-    if mode != "federated" and aggregation != ("fedavg", 0.0, "sgd", None):
-        raise ValueError(f"--strategy, --proximal-mu, --server-optimizer and --server-lr set the server's "
-                         f"aggregation: federated runs only, not {mode}")
+    aggregation = (opts.strategy, opts.proximal_mu, opts.server_optimizer, opts.server_lr, opts.local_update)
+    if mode != "federated" and aggregation != ("fedavg", 0.0, "sgd", None, "steps"):
+        raise ValueError(f"--strategy, --proximal-mu, --server-optimizer, --server-lr and --local-update set the "
+                         f"server's aggregation: federated runs only, not {mode}")
     return runners[mode](opts)
 
 

@@ -29,7 +29,7 @@ from server.bank import PriorBank, parse_site_datasets
 from server.checkpoint import RunStore, load_round_checkpoint
 from server.outer import OuterSettings
 from server.state import GlobalState
-from server.strategy import HermesStrategy, StrategyOptions, derive_seed
+from server.strategy import HermesStrategy, StrategyOptions
 from server.validation import DROP_REASONS
 from tests.server.fakes import (
     FakeGrid,
@@ -103,7 +103,7 @@ def test_configure_train_sends_each_site_only_its_rows(setup):
     assert cfg["proximal-mu"] == pytest.approx(0.01) and cfg["wire-dtype"] == "float32"
     assert cfg["reply-codec"] == "none"  # the default: plain arrays
     assert json.loads(cfg["task-map"]) == {"alpha/liver": 0, "alpha/tumour": 1}
-    assert cfg["seed"] == derive_seed(7, 3, "site-a") != b[CONFIG_RECORD]["seed"]
+    assert cfg["seed"] == b[CONFIG_RECORD]["seed"] == 7  # the run seed: each site derives its own patches
     assert msgs[11].metadata.message_type == "train" and msgs[11].metadata.group_id == "3"
     assert len(a[ARRAYS_RECORD]) == 3  # few large arrays, never one per tensor
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from client.dataset import round_sampling_seed
 from hermes_model.exchange import StateLayout
 from hermes_model.factory import load_checkpoint
 from simulation.cli import main
-from simulation.local import build_federation, pooled_datasets
+from simulation.local import build_federation, union_data
 from simulation.report import REPORT_JSON, read_metrics
 from simulation.run import SimOptions, server_config
 from simulation.sites import DEMO_SITES_DIR, stage_sites
@@ -35,9 +36,15 @@ def test_requests_carry_exactly_the_owned_rows(tmp_path: Path) -> None:
     layout = StateLayout.from_model(fed.model)
     assert request.schedule_iteration == 3 and request.local_iterations == 3
     assert torch.equal(request.task_rows, layout.task_rows(fed.model.state_dict(), mr.task_ids))
-    # pooled data: one dataset per site, weighted by the sites' batch sizes
-    pooled = pooled_datasets(fed)
-    assert len(pooled) == 2 and {d.sample_weight for d in pooled} == {2.0}
+    # the centralized batches: every site's batch of the round, drawn as its ClientApp draws it
+    union = union_data(fed, server_round=2)
+    seeds = [round_sampling_seed(fed.config.seed, 2, name, fed.sites[name].config.training.seed)
+             for name in ("sarcoma-ct", "sarcoma-mr")]
+    assert [p.seed for p in union.parts] == seeds and seeds[0] != seeds[1]
+    (batch,) = list(union.loader(1))
+    (own,) = list(union.parts[1].loader(1))
+    assert batch["image"].shape[0] == sum(p.batch_size for p in union.parts) == 4
+    assert torch.equal(batch["image"][2:], own["image"])  # the MR site's patches, as it draws them
 
 
 def test_centralized_quick(tmp_path: Path) -> None:

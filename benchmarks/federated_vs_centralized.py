@@ -1,0 +1,176 @@
+"""Federated training against centralized and local-only training on the demo federation, same patches.
+
+    python benchmarks/federated_vs_centralized.py --quick            # about 5 minutes on 2 cores
+    python benchmarks/federated_vs_centralized.py --seeds 0 1 2      # the grid (hours on a CPU)
+    python benchmarks/federated_vs_centralized.py --modes fedavg nesterov-k20 centralized --seeds 0
+
+Every arm runs through ``hermes-sim`` (``simulation.run.run_mode``) with the demo's settings, so all three
+draw the same patches per site and round (``client.dataset.round_sampling_seed``) for the same number of
+samples. Each run is scored twice, both times on whole scans at their native geometry through the code of
+``hermes-predict`` and ``hermes-evaluate``: on the sites' validation cases (the run's own report) and on a
+test split of sarcoma patients that no site trains or validates on (:data:`TEST_PATIENTS` from
+``../shared/data/ibsi_sts``, CT, MR-T1 and PET; each modality's scans are segmented by the model a user of
+that site would get: the federated or centralized ``final_model.pt``, or the site's own local-only model).
+
+``exact_max_rel_diff``: the federation with one-batch gradients and the server's LAMB (``gradient-k1``)
+against centralized training, both with one local step per round: the largest relative difference of any
+parameter tensor of their raw final weights (float32 training; ``tests/integration/test_gradient_exactness.py``
+shows the same comparison in float64 to 1e-7).
+
+Prints one JSON object ``{"runs": [{"mode", "seed", "split", "sarcoma", "brats", "all", "per_site",
+"wall_s", "rounds"}], "exact_max_rel_diff": float}``; ``--quick``: the two sarcoma sites of the quick demo,
+2 test patients, the two baselines, the default mode and the exactness pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from client.evaluate import ClassSpec, evaluate_case  # noqa: E402
+from client.predict import predict  # noqa: E402
+from client.preprocess import read_image  # noqa: E402
+from hermes_model import load_checkpoint  # noqa: E402
+from simulation.run import SimOptions, run_mode  # noqa: E402
+
+SHARED_STS = REPO.parent / "shared" / "data" / "ibsi_sts"
+TEST_PATIENTS = tuple(f"STS_{i:03d}" for i in range(31, 37))  # the demo's sites use STS_001-023
+QUICK_TEST_PATIENTS = TEST_PATIENTS[:2]
+# site -> (modality, image file, mask file) of the sarcoma test scans it would segment
+SARCOMA_SITES = {
+    "sarcoma-ct": ("CT", "CT_image.nii.gz", "CT_mask.nii.gz"),
+    "sarcoma-mr": ("MR-T1", "MR_T1_image.nii.gz", "MR_T1_mask.nii.gz"),
+    "sarcoma-pet": ("PET", "PET_image.nii.gz", "PET_mask.nii.gz"),
+}
+SARCOMA_TASK = "sarcoma/tumour"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One arm: the ``hermes-sim`` mode and its options (``options`` are ``SimOptions`` fields)."""
+
+    sim_mode: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+MODES = {
+    "centralized": Mode("centralized"),
+    "local-only": Mode("local-only"),
+    "fedavg": Mode("federated"),  # server sgd at lr 1: today's default
+    "nesterov-k5": Mode("federated", {"server_optimizer": "nesterov", "local_iterations": 5}),
+    "nesterov-k10": Mode("federated", {"server_optimizer": "nesterov", "local_iterations": 10}),
+    "nesterov-k20": Mode("federated", {"server_optimizer": "nesterov"}),
+    "adam": Mode("federated", {"server_optimizer": "adam"}),
+    "gradient-k1": Mode("federated", {"server_optimizer": "lamb", "local_update": "gradient", "local_iterations": 1}),
+}
+DEFAULT_MODE = "fedavg"
+QUICK_MODES = ("centralized", "local-only", DEFAULT_MODE)
+
+
+def _sim_options(mode: Mode, seed: int, run_dir: Path, quick: bool, rounds: int | None) -> SimOptions:
+    options = dict(mode.options)
+    if quick:
+        options.setdefault("local_iterations", 10)
+    steps = options.get("local_iterations")
+    if rounds is None and steps is not None:  # keep the samples per site: fewer local steps, more rounds
+        demo = SimOptions(quick=quick)
+        rounds = demo.rounds * demo.local_iterations // steps
+    return SimOptions(quick=quick, seed=seed, run_dir=run_dir, echo=False, rounds=rounds, **options)
+
+
+def _test_scores(run_dir: Path, sim_mode: str, sites: list[str], patients: tuple[str, ...],
+                 out: Path) -> dict[str, float]:
+    """Mean whole-scan Dice of the sarcoma test scans per site (modality)."""
+    scores: dict[str, float] = {}
+    for site in sites:
+        modality, image, mask = SARCOMA_SITES[site]
+        model = run_dir / "models" / f"{site}.pt" if sim_mode == "local-only" else run_dir / "final_model.pt"
+        dice = []
+        for patient in patients:
+            pred = out / f"{site}-{patient}.nii.gz"
+            (result,) = predict(model, SHARED_STS / patient / image, pred, modality, SARCOMA_TASK, progress=False)
+            if not result.ok:
+                raise RuntimeError(f"{patient} {modality}: {result.error}")
+            (row,) = evaluate_case(read_image(pred), read_image(SHARED_STS / patient / mask),
+                                   [ClassSpec(SARCOMA_TASK, (1,), (1,))], name=patient, metrics=("dice",))
+            dice.append(float(row["dice"]))
+        scores[site] = statistics.fmean(dice)
+    return scores
+
+
+def _val_row(result: Any) -> dict[str, Any]:
+    report = result.report
+    per_site = {site: statistics.fmean(d for d, _ in tasks.values()) for site, tasks in report.site_tasks.items()}
+    return {"sarcoma": _num(report.datasets.get("sarcoma")), "brats": _num(report.datasets.get("brats")),
+            "all": _num(report.overall), "per_site": {k: _num(v) for k, v in sorted(per_site.items())}}
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)
+
+
+def run_arm(name: str, seed: int, work: Path, quick: bool, rounds: int | None, patients: tuple[str, ...]) -> list[dict]:
+    mode = MODES[name]
+    opts = _sim_options(mode, seed, work / f"{name}-seed{seed}", quick, rounds)
+    result = run_mode(mode.sim_mode, opts)
+    common = {"mode": name, "seed": seed, "wall_s": round(result.summary["wall_time_s"], 1), "rounds": opts.rounds}
+    sites = [s for s in SARCOMA_SITES if s in {p.stem for p in opts.sites}]
+    test = _test_scores(result.run_dir, mode.sim_mode, sites, patients, work / "predictions")
+    test_row = {"sarcoma": _num(statistics.fmean(test.values())), "brats": None,
+                "all": _num(statistics.fmean(test.values())), "per_site": {k: _num(v) for k, v in test.items()}}
+    return [{**common, "split": "val", **_val_row(result)}, {**common, "split": "test", **test_row}]
+
+
+def exactness(work: Path, quick: bool) -> float:
+    """Largest relative difference of a parameter tensor between ``gradient-k1`` and centralized training
+    with one step per round (raw final weights)."""
+    rounds = 4 if quick else 10
+    states = []
+    for sim_mode, options in (("federated", MODES["gradient-k1"].options), ("centralized", {"local_iterations": 1})):
+        opts = SimOptions(quick=quick, run_dir=work / f"exact-{sim_mode}", echo=False, rounds=rounds,
+                          evaluate_every=rounds, **options)
+        run_mode(sim_mode, opts)
+        states.append(load_checkpoint(opts.run_dir / "final_model.pt", use_ema=False).model.state_dict())
+    fed, central = states
+    return max(float((fed[k] - central[k]).norm() / central[k].norm().clamp_min(1e-12)) for k in central)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 sites, 1 seed, the baselines and the default mode")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every arm (default: the demo's)")
+    parser.add_argument("--no-exactness", action="store_true", help="skip the gradient-k1 vs centralized pair")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not SHARED_STS.is_dir():
+        print(f"the test patients live in {SHARED_STS}: not found", file=sys.stderr)
+        return 2
+    modes = args.modes or (list(QUICK_MODES) if args.quick else sorted(MODES))
+    patients = QUICK_TEST_PATIENTS if args.quick else TEST_PATIENTS
+    with tempfile.TemporaryDirectory(prefix="fed-vs-central-") as tmp:
+        work = args.work_dir or Path(tmp)
+        (work / "predictions").mkdir(parents=True, exist_ok=True)
+        runs = [row for seed in args.seeds for name in modes
+                for row in run_arm(name, seed, work, args.quick, args.rounds, patients)]
+        exact = None if args.no_exactness else exactness(work, args.quick)
+    print(json.dumps({"runs": runs, "exact_max_rel_diff": exact, "test_patients": list(patients),
+                      "default_mode": DEFAULT_MODE}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
