@@ -71,6 +71,7 @@ MODES = {
     "nesterov-k5": Mode("federated", {"server_optimizer": "nesterov", "local_iterations": 5}),
     "nesterov-k10": Mode("federated", {"server_optimizer": "nesterov", "local_iterations": 10}),
     "nesterov-k20": Mode("federated", {"server_optimizer": "nesterov"}),
+    "nesterov-k20-reset": Mode("federated", {"server_optimizer": "nesterov", "keep_local_state": False}),
     "adam": Mode("federated", {"server_optimizer": "adam"}),
     "gradient-k1": Mode("federated", {"server_optimizer": "lamb", "local_update": "gradient", "local_iterations": 1}),
 }

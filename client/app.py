@@ -199,6 +199,7 @@ def parse_request(msg: Message, train: bool) -> RoundRequest:
         reply_codec=_value(config, "reply-codec", "none"),
         proximal_mu=_value(config, "proximal-mu", 0.0),
         local_update=_value(config, "local-update", "steps"),
+        keep_local_state=_value(config, "keep-local-state", True),
         plans=_plans(config),
         run_key=_value(config, "run-key", "default"),
     )

@@ -139,6 +139,7 @@ class RoundRequest:
         proximal_mu: FedProx coefficient (0 = plain FedAvg).
         local_update: ``steps`` (train ``local_iterations`` steps, reply the weights) or ``gradient`` (reply
             the gradients of one batch's loss sums, ``hermes_model.exchange.LOCAL_UPDATES``).
+        keep_local_state: start from the site's saved optimiser state of this run (else fresh moments).
         plans: the federation's plan (preprocessing and patch size).
         run_key: the server's name of the run; the site keeps its local state under it, so a new run
             starts clean and a resumed one continues.
@@ -160,6 +161,7 @@ class RoundRequest:
     reply_codec: str = "none"
     proximal_mu: float = 0.0
     local_update: str = "steps"
+    keep_local_state: bool = True
     plans: Plans = field(default_factory=Plans)
     run_key: str = "default"
 
@@ -174,6 +176,8 @@ class RoundRequest:
             raise ProtocolError(f"wire-dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.reply_codec not in REPLY_CODECS:
             raise ProtocolError(f"reply-codec must be one of {list(REPLY_CODECS)}, got {self.reply_codec!r}")
+        if not isinstance(self.keep_local_state, bool):
+            raise ProtocolError(f"keep-local-state must be a bool, got {self.keep_local_state!r}")
         if self.local_update not in LOCAL_UPDATES:
             raise ProtocolError(f"local-update must be one of {list(LOCAL_UPDATES)}, got {self.local_update!r}")
         mu = self.proximal_mu
@@ -412,7 +416,7 @@ class Site:
         """The round's engine on ``device``: the site's saved state, overwritten by the received tensors,
         at the round's schedule position, with the received weights as FedProx reference when mu > 0."""
         engine = TrainEngine(self._build_model(request), self._engine_config(request), device)
-        resumed = self._restore_local_state(engine, request.run_key)
+        resumed = request.keep_local_state and self._restore_local_state(engine, request.run_key)
         layout = self._apply_received(engine.model, request)
         engine.iteration = request.schedule_iteration
         engine.set_proximal_reference(engine.model.state_dict() if request.proximal_mu > 0 else None)

@@ -42,6 +42,7 @@ FIXED_ON_RESUME = (
     "local_iterations",
     "sites_per_round",
     "local_update",
+    "keep_local_state",
     "server_optimizer",
     "server_lr",
     "server_momentum",
@@ -86,6 +87,8 @@ class ServerConfig(BaseModel):
             their weights) or ``gradient`` (each site replies the gradient of one batch, as sums the server
             combines into the gradient of the union of the batches; needs ``local_iterations`` 1: with
             ``server_optimizer`` lamb this is centralized training on the pooled batches).
+        keep_local_state: each site keeps its optimiser state (LAMB moments) between rounds on its disk,
+            per run (default); false: every round starts from fresh moments.
         server_optimizer: what the server does with the mean of the replies (``server.outer``): ``sgd``
             (at ``server_lr`` 1: FedAvg), ``nesterov`` (DiLoCo's outer step, ``server_momentum``), ``adam``
             (FedAdam: ``beta1``, ``beta2``, ``tau``) or ``lamb`` (the recipe's LAMB, learning rate ``lr`` and
@@ -132,6 +135,7 @@ class ServerConfig(BaseModel):
     wire_dtype: Literal["float32", "float16"] = "float32"
     reply_codec: Literal["none", "xor-zstd"] = "none"
     local_update: Literal["steps", "gradient"] = "steps"
+    keep_local_state: bool = True
     server_optimizer: Literal["sgd", "nesterov", "adam", "lamb"] = "sgd"
     server_lr: float | Literal["auto"] = AUTO
     server_momentum: float = Field(0.9, ge=0, lt=1)

@@ -162,6 +162,7 @@ def strategy_options(config: ServerConfig, model: nn.Module, plans: Plans, run_k
         wire_dtype=config.wire_dtype,
         reply_codec=config.reply_codec,
         local_update=config.local_update,
+        keep_local_state=config.keep_local_state,
         outer=config.outer_settings(),
         evaluate_ema=config.evaluate_ema,
         min_replies=config.min_sites_per_round,

@@ -80,6 +80,7 @@ class StrategyOptions:
     wire_dtype: str = "float32"
     reply_codec: str = "none"
     local_update: str = "steps"
+    keep_local_state: bool = True
     outer: OuterSettings = field(default_factory=OuterSettings)
     ema_decay: float = EngineConfig.ema_decay
     evaluate_ema: bool = True
@@ -218,6 +219,7 @@ class HermesStrategy(Strategy):
                 "wire-dtype": opt.wire_dtype,
                 "reply-codec": opt.reply_codec if opt.local_update == "steps" else "none",
                 "local-update": opt.local_update,
+                "keep-local-state": opt.keep_local_state,
                 "proximal-mu": float(opt.proximal_mu if opt.kind == "fedprox" else 0.0),
                 "model": opt.model_json,
                 "engine": opt.engine_json,

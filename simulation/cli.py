@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="steps (default: --local-iterations optimiser steps per round) or gradient (one batch's "
                      "gradient per round, combined into the union batch's: with --server-optimizer lamb and "
                      "--local-iterations 1 this is centralized training)")
+    run.add_argument("--reset-local-state", action="store_true",
+                     help="every round starts the sites' optimiser from fresh moments (default: kept between rounds)")
     run.add_argument("--server-lr", type=float, default=None,
                      help="the server optimiser's learning rate (default: sgd 1, nesterov 0.7, adam 0.01, lamb --lr)")
     run.add_argument("--ray-address", default=None, metavar="HOST:PORT",
@@ -138,6 +140,7 @@ def _options(args: argparse.Namespace) -> SimOptions:
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
         strategy=getattr(args, "strategy", "fedavg"), proximal_mu=getattr(args, "proximal_mu", 0.0),
         server_optimizer=getattr(args, "server_optimizer", "sgd"), local_update=getattr(args, "local_update", "steps"),
+        keep_local_state=not getattr(args, "reset_local_state", False),
         server_lr=getattr(args, "server_lr", None),
         ray_address=getattr(args, "ray_address", None),
     )

@@ -93,7 +93,7 @@ class SimOptions:
         strategy, proximal_mu, server_optimizer, server_lr, local_update: the server's aggregation (the
             sites' local steps ``server.config.STRATEGIES``; FedProx's mu; the server optimiser
             ``server.outer`` and its learning rate, None = its default; steps or one batch's gradient per
-            round); federated runs only.
+            round); federated runs only. keep_local_state: sites keep their optimiser state between rounds.
         quick: the small smoke-test schedule (2 rounds, 2 sites, few steps) unless set explicitly.
         echo: copy Flower's output to the console.
         resume: continue the federated run in ``run_dir`` from its latest round checkpoint (up to
@@ -121,6 +121,7 @@ class SimOptions:
     proximal_mu: float = 0.0
     server_optimizer: str = "sgd"
     local_update: str = "steps"
+    keep_local_state: bool = True
     server_lr: float | None = None
     quick: bool = False
     echo: bool = True
@@ -258,6 +259,7 @@ def server_config(opts: SimOptions, staged: Sequence[StagedSite], run_dir: Path)
         proximal_mu=opts.proximal_mu,
         server_optimizer=opts.server_optimizer,
         local_update=opts.local_update,
+        keep_local_state=opts.keep_local_state,
         **server_lr,
     )
 
@@ -417,10 +419,11 @@ def run_mode(mode: str, opts: SimOptions) -> SimResult:
     }
     if mode not in runners:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    aggregation = (opts.strategy, opts.proximal_mu, opts.server_optimizer, opts.server_lr, opts.local_update)
-    if mode != "federated" and aggregation != ("fedavg", 0.0, "sgd", None, "steps"):
-        raise ValueError(f"--strategy, --proximal-mu, --server-optimizer, --server-lr and --local-update set the "
-                         f"server's aggregation: federated runs only, not {mode}")
+    aggregation = (opts.strategy, opts.proximal_mu, opts.server_optimizer, opts.server_lr, opts.local_update,
+                   opts.keep_local_state)
+    if mode != "federated" and aggregation != ("fedavg", 0.0, "sgd", None, "steps", True):
+        raise ValueError(f"--strategy, --proximal-mu, --server-optimizer, --server-lr, --local-update and "
+                         f"--reset-local-state set the federation's training: federated runs only, not {mode}")
     return runners[mode](opts)
 
 

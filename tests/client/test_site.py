@@ -156,13 +156,30 @@ def test_two_training_rounds(site: Site) -> None:
     history = [json.loads(line) for line in (site.state_dir(RUN) / "history.jsonl").read_text().splitlines()]
     assert [(h["kind"], h["round"]) for h in history][-2:] == [("train", 1), ("train", 2)]
 
+    # round 3 with keep-local-state false: fresh optimiser moments (the saved state is overwritten)
+    site.train(make_request(3, keep_local_state=False))
+    assert torch.load(site.engine_path(RUN), weights_only=True)["optimizer"]["param_groups"][0]["step"] == ITERATIONS
+
     # another run with the same site config starts clean: no optimiser moments, its own history
     site.train(make_request(1, run_key="run-b"))
     fresh = torch.load(site.engine_path("run-b"), weights_only=True)
     assert fresh["optimizer"]["param_groups"][0]["step"] == ITERATIONS
     other = [json.loads(line) for line in (site.state_dir("run-b") / "history.jsonl").read_text().splitlines()]
     assert [(h["kind"], h["round"]) for h in other] == [("train", 1)]
-    assert torch.load(site.engine_path(RUN), weights_only=True)["iteration"] == 2 * ITERATIONS  # untouched
+    assert torch.load(site.engine_path(RUN), weights_only=True)["iteration"] == 3 * ITERATIONS  # untouched
+
+
+def test_a_gradient_round_returns_the_loss_sums_and_trains_nothing(site: Site) -> None:
+    request = make_request(1, local_iterations=1, local_update="gradient", run_key="gradient-run")
+    reply = site.train(request)
+    layout, _ = global_weights()
+    assert reply.modality_term is not None and reply.backbone.shape == (layout.backbone_size,)
+    assert [t.shape for t in reply.modality_term] == [reply.backbone.shape, reply.task_rows.shape,
+                                                      reply.modality_rows.shape]
+    assert reply.metrics["num-examples"] == BATCH
+    assert reply.metrics["loss-tokens"] == BATCH and reply.metrics["known-modality"] == BATCH  # CT: known
+    assert float(reply.backbone.abs().max()) > 0 and float(reply.modality_term[0].abs().max()) > 0
+    assert not site.engine_path("gradient-run").exists()  # nothing trained, nothing saved
 
 
 def test_a_round_is_a_function_of_the_request_not_of_the_process(site: Site, monkeypatch) -> None:
