@@ -416,7 +416,8 @@ class Site:
         """The round's engine on ``device``: the site's saved state, overwritten by the received tensors,
         at the round's schedule position, with the received weights as FedProx reference when mu > 0."""
         engine = TrainEngine(self._build_model(request), self._engine_config(request), device)
-        resumed = request.keep_local_state and self._restore_local_state(engine, request.run_key)
+        stepping = request.local_update == "steps"  # a gradient round takes no step: no optimiser state to load
+        resumed = stepping and request.keep_local_state and self._restore_local_state(engine, request.run_key)
         layout = self._apply_received(engine.model, request)
         engine.iteration = request.schedule_iteration
         engine.set_proximal_reference(engine.model.state_dict() if request.proximal_mu > 0 else None)

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
+# the field of a metric line that scored the raw global weights beside the EMA (the last round); lines without
+# it score the model the run hands over
+WEIGHTS_FIELD, RAW_WEIGHTS = "weights", "raw"
 FINAL_MODEL = "final_model.pt"
 PLANS_FILE, FINGERPRINT_FILE = "plans.json", "fingerprint.json"
 SERVER_KEY = "server"

@@ -30,6 +30,15 @@ from server.outer import DEFAULT_OUTER_LR, OuterSettings
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "fedprox")
+
+
+def local_update_problem(local_update: str, local_iterations: int, strategy: str) -> str | None:
+    """Why sites cannot train this way, or None: a ``gradient`` reply is the gradient of one batch of the
+    plain loss, so it needs one local iteration and no proximal term."""
+    if local_update == "gradient" and (local_iterations != 1 or strategy != "fedavg"):
+        return (f"local-update 'gradient' takes one batch per round: it needs local-iterations 1 (got "
+                f"{local_iterations}) and strategy fedavg (got {strategy!r})")
+    return None
 WEIGHTINGS = ("samples", "uniform")
 
 # Settings that must not change when a run is resumed (they change what a round computes).
@@ -89,14 +98,17 @@ class ServerConfig(BaseModel):
             ``server_optimizer`` lamb this is centralized training on the pooled batches).
         keep_local_state: each site keeps its optimiser state (LAMB moments) between rounds on its disk,
             per run (default); false: every round starts from fresh moments.
-        server_optimizer: what the server does with the mean of the replies (``server.outer``): ``sgd``
-            (at ``server_lr`` 1: FedAvg), ``nesterov`` (DiLoCo's outer step, ``server_momentum``), ``adam``
+        server_optimizer: what the server does with the mean of the replies (``server.outer``): ``nesterov``
+            (default: DiLoCo's outer step, ``server_momentum``; the closest to centralized training in
+            ``benchmarks/federated_vs_centralized.py``), ``sgd`` (at ``server_lr`` 1: FedAvg), ``adam``
             (FedAdam: ``beta1``, ``beta2``, ``tau``) or ``lamb`` (the recipe's LAMB, learning rate ``lr`` and
             schedule on the global step).
         server_lr: the server optimiser's learning rate; ``"auto"``: sgd 1, nesterov 0.7, adam 0.01, lamb
             ``lr``.
         evaluate_ema: evaluate (and hand over as ``final_model.pt``) the server's EMA of the global model
             (the recipe's decay per global step), not the raw weights.
+        evaluate_raw: with ``evaluate_ema``, the last round also evaluates the raw weights, so that the
+            report shows both.
         run_dir: checkpoints and metrics go here; resume: continue from its latest checkpoint.
         keep_checkpoints: round checkpoints kept on disk (0 = all).
         model, base_channels, modality_slots: the network (``build_model`` arguments).
@@ -136,10 +148,11 @@ class ServerConfig(BaseModel):
     reply_codec: Literal["none", "xor-zstd"] = "none"
     local_update: Literal["steps", "gradient"] = "steps"
     keep_local_state: bool = True
-    server_optimizer: Literal["sgd", "nesterov", "adam", "lamb"] = "sgd"
+    server_optimizer: Literal["sgd", "nesterov", "adam", "lamb"] = "nesterov"
     server_lr: float | Literal["auto"] = AUTO
     server_momentum: float = Field(0.9, ge=0, lt=1)
     evaluate_ema: bool = True
+    evaluate_raw: bool = True
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False)
@@ -176,9 +189,9 @@ class ServerConfig(BaseModel):
             )
         if self.server_lr != AUTO and not 0 < self.server_lr < float("inf"):
             raise ValueError(f"server-lr must be 'auto' or a finite number > 0, got {self.server_lr!r}")
-        if self.local_update == "gradient" and (self.local_iterations != 1 or self.strategy != "fedavg"):
-            raise ValueError(f"local-update 'gradient' takes one batch per round: it needs local-iterations 1 (got "
-                             f"{self.local_iterations}) and strategy fedavg (got {self.strategy!r})")
+        problem = local_update_problem(self.local_update, self.local_iterations, self.strategy)
+        if problem:
+            raise ValueError(problem)
         if self.sites_per_round and self.min_sites_per_round > self.sites_per_round:
             raise ValueError(
                 f"min-sites-per-round={self.min_sites_per_round} exceeds "
@@ -318,6 +331,16 @@ class ServerConfig(BaseModel):
         values = {str(k).replace("-", "_"): v for k, v in raw.items()}
         values.update(overrides)
         return _validated(cls, values, str(path))
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` ends with an evaluation (every ``evaluate_every`` rounds and the last)."""
+        every = self.evaluate_every
+        return bool(every) and (server_round % every == 0 or server_round == self.num_server_rounds)
+
+    def evaluates_raw(self, server_round: int) -> bool:
+        """Whether ``server_round`` also evaluates the raw weights beside the EMA (the last round)."""
+        last = server_round == self.num_server_rounds
+        return self.evaluate_ema and self.evaluate_raw and last and self.evaluates(server_round)
 
     def to_run_config(self) -> dict[str, Any]:
         """Dashed keys, as ``[tool.flwr.app.config]`` / ``--run-config`` want them."""

@@ -39,7 +39,7 @@ from hermes_model.catalog import modality_name
 from hermes_model.exchange import StateLayout
 from hermes_model.fileio import atomic_write_bytes
 from server.bank import MODALITY, ROW_KINDS, TASK
-from server.checkpoint import RoundCheckpoint, RunStore, load_round_checkpoint
+from server.checkpoint import RAW_WEIGHTS, WEIGHTS_FIELD, RoundCheckpoint, RunStore, load_round_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,8 @@ def _phase_lines(lines: Iterable[Mapping[str, Any]], phase: str, scope: str, las
             continue
         if scope == "site" and (line.get("status", "ok") != "ok" or not isinstance(line.get("site"), str)):
             continue
+        if line.get(WEIGHTS_FIELD) == RAW_WEIGHTS:  # the curves follow the model the run hands over
+            continue
         if last_round is None or server_round <= last_round:
             yield server_round, line
 
@@ -373,11 +375,12 @@ def similarity_figure(sim: PriorSimilarity, title: str) -> Figure:
     return fig
 
 
-def _plot_series(ax: Any, series: Series, ylabel: str, title: str, ylim: tuple[float, float] | None) -> None:
+def _plot_series(ax: Any, series: Series, ylabel: str, title: str, ylim: tuple[float, float] | None,
+                 xlabel: str) -> None:
     for name, points in series.items():
         rounds, values = zip(*points, strict=True)
         ax.plot(rounds, values, marker="o", markersize=4, label=name)
-    ax.set_xlabel("round")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -390,12 +393,13 @@ def _plot_series(ax: Any, series: Series, ylabel: str, title: str, ylim: tuple[f
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=ncol, frameon=False)
 
 
-def curves_figure(panels: Sequence[tuple[Series, str, str]], ylim: tuple[float, float] | None = None) -> Figure:
+def curves_figure(panels: Sequence[tuple[Series, str, str]], ylim: tuple[float, float] | None = None,
+                  xlabel: str = "round") -> Figure:
     """One row of line plots, one per ``(series, ylabel, title)`` panel, legends to the right."""
     legend_cols = max(max(1, math.ceil(len(s) / 25)) for s, _, _ in panels)
     fig = _new_figure((6.0 + 2.2 * legend_cols) * len(panels), 4.5)
     for i, (series, ylabel, title) in enumerate(panels, start=1):
-        _plot_series(fig.add_subplot(1, len(panels), i), series, ylabel, title, ylim)
+        _plot_series(fig.add_subplot(1, len(panels), i), series, ylabel, title, ylim, xlabel)
     return fig
 
 

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -52,7 +51,15 @@ from hermes_model.fileio import atomic_write_json
 from hermes_model.fingerprint import DatasetFingerprint, fingerprints_from_json, merge_fingerprints, plan_problems
 from hermes_model.plans import Plans, catalog_digest
 from server.bank import PriorBank, SiteDataset, parse_site_datasets, required_task_slots
-from server.checkpoint import FINAL_MODEL, FINGERPRINT_FILE, PLANS_FILE, RunStore, save_final_model
+from server.checkpoint import (
+    FINAL_MODEL,
+    FINGERPRINT_FILE,
+    PLANS_FILE,
+    RAW_WEIGHTS,
+    WEIGHTS_FIELD,
+    RunStore,
+    save_final_model,
+)
 from server.config import ServerConfig
 from server.state import GlobalState
 from server.strategy import HermesStrategy, StrategyOptions
@@ -462,10 +469,10 @@ class FederatedRun:
             logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
             self._await_sites(server_round)
             arrays, lines = self._train(server_round, arrays)
-            if cfg.evaluate_every and (
-                server_round % cfg.evaluate_every == 0 or server_round == cfg.num_server_rounds
-            ):
+            if cfg.evaluates(server_round):
                 lines += self._evaluate(server_round, arrays)
+            if cfg.evaluates_raw(server_round):
+                lines += [{**x, WEIGHTS_FIELD: RAW_WEIGHTS} for x in self._evaluate(server_round, arrays, raw=True)]
             for line in lines:
                 if line.get("scope") == "aggregate" and line.get("phase") == "train":
                     line["round-time-s"] = round(time.monotonic() - t0, 3)
@@ -524,8 +531,8 @@ class FederatedRun:
         self.strategy.expect_replies(sent_to)
         return replies
 
-    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> list[dict[str, Any]]:
-        messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
+    def _evaluate(self, server_round: int, arrays: ArrayRecord, raw: bool = False) -> list[dict[str, Any]]:
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid, raw=raw))
         if not messages:
             return []
         self.strategy.aggregate_evaluate(server_round, self._exchange(messages))
@@ -555,8 +562,7 @@ class FederatedRun:
         raw_state = None
         if handed_over is not arrays:  # the EMA: the raw weights go into the file too
             raw_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        final = copy.deepcopy(self.model)
-        GlobalState.from_record(handed_over, self.layout).load_into(self.layout, final.state_dict())
+        final = GlobalState.from_record(handed_over, self.layout).in_copy_of(self.layout, self.model)
         path = save_final_model(self.store.run_dir / FINAL_MODEL, final, self.catalog, self.plans,
                                 self.bank.trained_tasks(), raw_state=raw_state, mode="federated",
                                 server_round=last_round)
@@ -570,7 +576,8 @@ def round_summary(server_round: int, rounds: int, lines: list[dict[str, Any]]) -
     sites = sorted({x["site"] for x in lines if x.get("scope") == "site"})
     for site in sites:
         train = next((x for x in lines if x.get("site") == site and x["phase"] == "train"), None)
-        evaluate = next((x for x in lines if x.get("site") == site and x["phase"] == "evaluate"), None)
+        evaluate = next((x for x in lines if x.get("site") == site and x["phase"] == "evaluate"
+                         and WEIGHTS_FIELD not in x), None)
         parts = []
         for phase, line in (("train", train), ("evaluate", evaluate)):
             if line is None:
@@ -584,6 +591,9 @@ def round_summary(server_round: int, rounds: int, lines: list[dict[str, Any]]) -
                 parts.append(f"Dice {line.get('dice-mean', math.nan):.3f} on {int(line.get(NUM_EXAMPLES, 0))} "
                              f"validation case(s) (whole scans), {line.get('eval-time-s', math.nan):.1f} s")
         out.append(f"  site {site!r}: " + "; ".join(parts))
+    raw = next((x for x in lines if x.get("scope") == "aggregate" and x.get(WEIGHTS_FIELD) == RAW_WEIGHTS), None)
+    if raw is not None:
+        out.append(f"  raw weights (not the EMA): mean Dice {raw.get('dice-mean', math.nan):.3f}")
     agg = next((x for x in lines if x.get("scope") == "aggregate" and x["phase"] == "train"), None)
     if agg is not None and agg.get("skipped"):
         out.append("  the round was skipped: too few valid replies; the model is kept")

@@ -3,12 +3,14 @@ matrices of ``hermes_model.exchange.StateLayout`` (float32), and its Flower ``Ar
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from torch import nn
 
 from hermes_model.exchange import BACKBONE, EXCHANGE_ARRAYS, MODALITY_ROWS, TASK_ROWS, StateLayout
 
@@ -40,6 +42,12 @@ class GlobalState:
         layout.load_backbone(state, self.backbone)
         layout.load_task_rows(state, range(layout.task_slots), self.task_rows)
         layout.load_modality_rows(state, range(layout.modality_slots), self.modality_rows)
+
+    def in_copy_of(self, layout: StateLayout, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` holding this state (``model`` itself is left as it is)."""
+        out = copy.deepcopy(model)
+        self.load_into(layout, out.state_dict())
+        return out
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.backbone, self.task_rows, self.modality_rows

@@ -50,13 +50,13 @@ from hermes_model.exchange import (
 )
 from hermes_model.losses import MODALITY_LOSS_WEIGHT
 from server.bank import MODALITY, TASK, PriorBank
+from server.config import STRATEGIES, local_update_problem
 from server.outer import OuterOptimizer, OuterSettings, ServerEMA
 from server.state import GlobalState
 from server.validation import ReplyRejected, Sent, TrainUpdate, parse_evaluate_reply, parse_train_reply
 
 logger = logging.getLogger(__name__)
 
-STRATEGY_KINDS = ("fedavg", "fedprox")
 WEIGHTINGS = ("samples", "uniform")
 
 
@@ -95,16 +95,17 @@ class StrategyOptions:
     run_key: str = "default"
 
     def __post_init__(self) -> None:
-        if self.kind not in STRATEGY_KINDS:
-            raise ValueError(f"strategy must be one of {list(STRATEGY_KINDS)}, got {self.kind!r}")
+        if self.kind not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.kind!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         if self.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire-dtype must be one of ['float32', 'float16'], got {self.wire_dtype!r}")
         if self.local_update not in LOCAL_UPDATES:
             raise ValueError(f"local-update must be one of {list(LOCAL_UPDATES)}, got {self.local_update!r}")
-        if self.local_update == "gradient" and (self.local_iterations, self.kind) != (1, "fedavg"):
-            raise ValueError("local-update 'gradient' needs local-iterations 1 and strategy fedavg")
+        problem = local_update_problem(self.local_update, self.local_iterations, self.kind)
+        if problem:
+            raise ValueError(problem)
         if self.reply_codec not in REPLY_CODECS:
             raise ValueError(f"reply-codec must be one of {list(REPLY_CODECS)}, got {self.reply_codec!r}")
         if self.kind == "fedprox" and not self.proximal_mu > 0:
@@ -404,11 +405,11 @@ class HermesStrategy(Strategy):
 
     # -- evaluate ----------------------------------------------------------------------------------
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, raw: bool = False
     ) -> Iterable[Message]:
         """One ``evaluate`` message per connected site (same payload layout as ``train``) with the model
-        :meth:`evaluation_arrays` chooses for ``arrays``."""
-        arrays = self.evaluation_arrays(arrays)
+        :meth:`evaluation_arrays` chooses for ``arrays`` (``raw``: ``arrays`` themselves)."""
+        arrays = arrays if raw else self.evaluation_arrays(arrays)
         self._current = GlobalState.from_record(arrays, self.layout)
         return self._messages(server_round, arrays, config, self.available_sites(grid), MessageType.EVALUATE)
 

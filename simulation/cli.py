@@ -4,7 +4,7 @@
                    [--gpus-per-site 0.25] [--cpus-per-site C] [--quick] [--local-only] [--resume]
                    [--ray-address HOST:PORT]
     hermes-sim centralized [--sites ...] [same options]
-    hermes-sim compare RUN_A RUN_B ... [--out compare_dice.png]
+    hermes-sim compare RUN_A RUN_B ... [--out compare_dice.png]   (+ compare_curves.png beside it)
 
 Without ``--sites`` the bundled demo federation (``site_configs/demo/*.yaml``) is used.
 """
@@ -21,7 +21,14 @@ from hermes_model.exchange import LOCAL_UPDATES
 from hermes_model.factory import available_models
 from server.config import STRATEGIES
 from server.outer import OUTER_OPTIMIZERS
-from simulation.compare import COMPARE_PNG, format_comparison, load_runs, write_comparison
+from simulation.compare import (
+    COMPARE_CURVES_PNG,
+    COMPARE_PNG,
+    format_comparison,
+    load_runs,
+    write_comparison,
+    write_curves,
+)
 from simulation.run import (
     DEFAULT_BASE_CHANNELS,
     DEFAULT_LOCAL_ITERATIONS,
@@ -69,8 +76,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "than sites all sites run at once and time-share the cores, one process per site in memory)")
     parser.add_argument("--evaluate-every", type=int, default=None,
                         help="evaluate on the validation splits (whole scans) every N rounds and in the last "
-                        "(default: three times in a run of six rounds or more, else the last round only; 1 = every "
-                        "round)")
+                        "(default: five times in a run of six rounds or more, a curve of Dice; else the last round "
+                        "only; 1 = every round)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the patches")
     parser.add_argument("--lr", type=float, default=2e-3, help="base learning rate (LAMB, default 0.002)")
     parser.add_argument("--quick", action="store_true",
@@ -105,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
                      help="server aggregation (default fedavg; fedprox needs --proximal-mu > 0)")
     run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's proximal weight mu")
-    run.add_argument("--server-optimizer", choices=OUTER_OPTIMIZERS, default="sgd",
-                     help="what the server does with the mean of the sites' updates (default sgd: at --server-lr 1, "
-                     "FedAvg; nesterov: DiLoCo's outer step; adam: FedAdam; lamb: the recipe's LAMB)")
+    run.add_argument("--server-optimizer", choices=OUTER_OPTIMIZERS, default=SimOptions.server_optimizer,
+                     help="what the server does with the mean of the sites' updates (default "
+                     f"{SimOptions.server_optimizer}; nesterov: DiLoCo's outer step; sgd: at --server-lr 1, FedAvg; "
+                     "adam: FedAdam; lamb: the recipe's LAMB)")
     run.add_argument("--local-update", choices=LOCAL_UPDATES, default="steps",
                      help="steps (default: --local-iterations optimiser steps per round) or gradient (one batch's "
                      "gradient per round, combined into the union batch's: with --server-optimizer lamb and "
@@ -124,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "forces the private one")
     central = sub.add_parser("centralized", help="one model on the pooled training splits of the sites")
     _add_run_options(central)
-    compare = sub.add_parser("compare", help="side-by-side Dice of several runs (table + bar plot)")
+    compare = sub.add_parser("compare",
+                             help="side-by-side Dice of several runs (table, bar plot, validation Dice curves)")
     compare.add_argument("runs", nargs="+", type=Path, help="run directories")
     compare.add_argument("--out", type=Path, default=None,
-                         help=f"bar plot path (default: {COMPARE_PNG} in the first run directory)")
+                         help=f"bar plot path (default: {COMPARE_PNG} in the first run directory; the curves "
+                         f"go beside it as {COMPARE_CURVES_PNG})")
     return parser
 
 
@@ -139,7 +149,8 @@ def _options(args: argparse.Namespace) -> SimOptions:
         gpus_per_site=args.gpus_per_site, evaluate_every=args.evaluate_every, seed=args.seed, lr=args.lr,
         quick=args.quick, echo=not args.quiet, resume=getattr(args, "resume", False),
         strategy=getattr(args, "strategy", "fedavg"), proximal_mu=getattr(args, "proximal_mu", 0.0),
-        server_optimizer=getattr(args, "server_optimizer", "sgd"), local_update=getattr(args, "local_update", "steps"),
+        server_optimizer=getattr(args, "server_optimizer", SimOptions.server_optimizer),
+        local_update=getattr(args, "local_update", "steps"),
         keep_local_state=not getattr(args, "reset_local_state", False),
         server_lr=getattr(args, "server_lr", None),
         ray_address=getattr(args, "ray_address", None),
@@ -162,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = load_runs(args.runs)
             print(format_comparison(runs))
             out = write_comparison(runs, args.out or runs[0].run_dir / COMPARE_PNG)
-            print(f"\nbar plot: {out}")
+            curves = write_curves(runs, out.with_name(COMPARE_CURVES_PNG))
+            print(f"\nbar plot: {out}\nvalidation Dice curves: {curves}")
             return 0
         if getattr(args, "ray_address", None) and _mode(args) != "federated":
             raise ValueError("--ray-address runs the federated simulation on a Ray cluster; --local-only uses no Ray")

@@ -44,7 +44,7 @@ from hermes_model.factory import build_model
 from hermes_model.plans import Plans, catalog_digest
 from hermes_model.trained import TrainedTask
 from server.bank import PriorBank, SiteOwnership, parse_site_datasets
-from server.checkpoint import save_final_model
+from server.checkpoint import METRICS_FILE, RAW_WEIGHTS, WEIGHTS_FIELD, save_final_model
 from server.config import ServerConfig
 from server.outer import ServerEMA
 from server.runner import UNSIZED_TASK_SLOTS, decide_task_slots, initial_catalog, initial_model, model_spec, new_run_key
@@ -52,7 +52,6 @@ from server.state import GlobalState
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 CENTRALIZED_SITE = "centralized"
 
 
@@ -146,9 +145,6 @@ def append_metrics(run_dir: Path, lines: Sequence[Mapping[str, Any]]) -> None:
             f.write(json.dumps(line, sort_keys=True) + "\n")
 
 
-def _evaluate_round(config: ServerConfig, server_round: int) -> bool:
-    every = config.evaluate_every
-    return bool(every) and (server_round % every == 0 or server_round == config.num_server_rounds)
 
 
 # ----------------------------------------------------------------------------------------------- local only
@@ -172,11 +168,14 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
             samples += float(reply.metrics[NUM_EXAMPLES])
             _load_reply(model, request, reply)
             ema.update(GlobalState.from_state_dict(layout, model.state_dict()), (server_round - 1) * steps, steps)
-            handed_over = _with_state(model, layout, ema.state) if fed.config.evaluate_ema else model
+            handed_over = ema.state.in_copy_of(layout, model) if fed.config.evaluate_ema else model
             lines = [_line(server_round, "train", name, reply.metrics)]
-            if _evaluate_round(fed.config, server_round):
+            if fed.config.evaluates(server_round):
                 metrics = site.evaluate(fed.request(name, handed_over, server_round))
                 lines.append(_line(server_round, "evaluate", name, metrics))
+            if fed.config.evaluates_raw(server_round):
+                metrics = site.evaluate(fed.request(name, model, server_round))
+                lines.append({**_line(server_round, "evaluate", name, metrics), WEIGHTS_FIELD: RAW_WEIGHTS})
             append_metrics(run_dir, lines)
             logger.info("local-only %s: round %d/%d done", name, server_round, fed.config.num_server_rounds)
         own = fed.ownership[name]
@@ -186,13 +185,6 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
         save_final_model(run_dir / "models" / f"{name}.pt", handed_over, fed.catalog, fed.plans, trained,
                          raw_state=raw_state, site=name, mode="local-only")
     return train_seconds
-
-
-def _with_state(model: nn.Module, layout: StateLayout, state: GlobalState) -> nn.Module:
-    """A copy of ``model`` holding ``state``."""
-    out = copy.deepcopy(model)
-    state.load_into(layout, out.state_dict())
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- centralized
@@ -257,10 +249,14 @@ def run_centralized(
         task_samples.update(result.task_samples)
         metrics = {NUM_EXAMPLES: result.samples, **result.metrics(), "train-time-s": took}
         lines = [_line(server_round, "train", CENTRALIZED_SITE, metrics)]
-        if _evaluate_round(fed.config, server_round):
+        if fed.config.evaluates(server_round):
             evaluated = engine.ema.module if fed.config.evaluate_ema else engine.model
             lines += [_line(server_round, "evaluate", name, fed.sites[name].evaluate(
                 fed.request(name, evaluated, server_round))) for name in sorted(fed.sites)]
+        if fed.config.evaluates_raw(server_round):
+            lines += [{**_line(server_round, "evaluate", name, fed.sites[name].evaluate(
+                fed.request(name, engine.model, server_round))), WEIGHTS_FIELD: RAW_WEIGHTS}
+                for name in sorted(fed.sites)]
         append_metrics(run_dir, lines)
         logger.info("centralized: round %d/%d done (%.1f s)", server_round, fed.config.num_server_rounds,
                     took)

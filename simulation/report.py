@@ -4,7 +4,8 @@ From ``metrics.jsonl`` (the server's metric lines, or the same lines written by 
 local-only modes) it writes into the run directory::
 
     report.csv        level,name,site,dice,cases: Dice per task and site, per task, per dataset, overall
-    report.json       the same numbers as nested objects, plus the run's summary (timing, settings)
+    report.json       the same numbers as nested objects (the model the run hands over, by default the EMA;
+                      the raw weights of the last round beside it), plus the run's summary (timing, settings)
     loss_dice.png     train loss per round per site | mean validation Dice per round per site
     final_dice.png    final Dice per task (bars)
 
@@ -30,11 +31,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hermes_model.fileio import atomic_write_bytes, atomic_write_json
+from server.checkpoint import METRICS_FILE, RAW_WEIGHTS, WEIGHTS_FIELD
 from server.report import curves_figure, save_png, site_dice_series, train_loss_series
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 REPORT_CSV = "report.csv"
 REPORT_JSON = "report.json"
 CURVES_PNG = "loss_dice.png"
@@ -123,10 +124,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def _site_evaluations(lines: Iterable[Mapping[str, Any]]) -> dict[int, list[Mapping[str, Any]]]:
+def _site_evaluations(lines: Iterable[Mapping[str, Any]], raw: bool = False) -> dict[int, list[Mapping[str, Any]]]:
     rounds: dict[int, list[Mapping[str, Any]]] = {}
     for line in lines:
         ok = line.get("status", "ok") == "ok" and isinstance(line.get("site"), str)
+        ok = ok and (line.get(WEIGHTS_FIELD) == RAW_WEIGHTS) == raw
         if line.get("phase") == "evaluate" and line.get("scope") == "site" and ok:
             server_round = line.get("round")
             if isinstance(server_round, int):
@@ -139,15 +141,16 @@ def _finite(value: Any) -> bool:
 
 
 def final_dice(lines: Iterable[Mapping[str, Any]], server_round: int | None = None,
-               prefix: str = _DICE) -> DiceReport:
+               prefix: str = _DICE, raw: bool = False) -> DiceReport:
     """The Dice report of ``server_round`` (default: the last round with a site evaluation line).
 
     Args:
         lines: metric lines; the ``evaluate`` / ``site`` lines with ``status`` ok are used, each with
             ``site``, ``num-examples`` and ``<prefix><dataset>/<class>`` entries.
         prefix: ``dice/`` (whole scans, native geometry) or :data:`PAPER_DICE`.
+        raw: the evaluations of the raw weights beside the EMA (last round), not of the handed-over model.
     """
-    rounds = _site_evaluations(lines)
+    rounds = _site_evaluations(lines, raw)
     if not rounds:
         return DiceReport(None)
     if server_round is None:
@@ -175,6 +178,12 @@ def final_dice(lines: Iterable[Mapping[str, Any]], server_round: int | None = No
     if report.tasks:
         report.overall = sum(report.tasks.values()) / len(report.tasks)
     return report
+
+
+def dice_by_round(lines: Iterable[Mapping[str, Any]]) -> dict[int, DiceReport]:
+    """The whole-scan Dice report of every evaluated round (:func:`final_dice` of each), by round."""
+    lines = list(lines)
+    return {r: final_dice(lines, r) for r in sorted(_site_evaluations(lines))}
 
 
 def first_last_loss(lines: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
@@ -269,9 +278,11 @@ def write_run_report(
     lines = read_metrics(run_dir)
     report = final_dice(lines)
     files = [atomic_write_bytes(run_dir / REPORT_CSV, report_csv(report).encode())]
+    raw = final_dice(lines, raw=True)
     data = {"run": dict(summary or {}), "dice": report.to_dict(),
             "dice_paper_convention": final_dice(lines, report.server_round, PAPER_DICE).to_dict()
             if report.server_round is not None else None,
+            "dice_raw_weights": raw.to_dict() if raw.server_round is not None else None,
             "loss": {s: {"first": a, "last": b} for s, (a, b) in first_last_loss(lines).items()}}
     files.append(atomic_write_json(run_dir / REPORT_JSON, data))
     loss, dice = train_loss_series(lines), site_dice_series(lines)

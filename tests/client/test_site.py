@@ -169,9 +169,12 @@ def test_two_training_rounds(site: Site) -> None:
     assert torch.load(site.engine_path(RUN), weights_only=True)["iteration"] == 3 * ITERATIONS  # untouched
 
 
-def test_a_gradient_round_returns_the_loss_sums_and_trains_nothing(site: Site) -> None:
+def test_a_gradient_round_returns_the_loss_sums_and_trains_nothing(site: Site, monkeypatch) -> None:
+    restored = []  # a gradient round takes no step: it must not load optimiser state
+    monkeypatch.setattr(Site, "_restore_local_state", lambda self, engine, key: restored.append(key) or False)
     request = make_request(1, local_iterations=1, local_update="gradient", run_key="gradient-run")
     reply = site.train(request)
+    assert restored == []
     layout, _ = global_weights()
     assert reply.modality_term is not None and reply.backbone.shape == (layout.backbone_size,)
     assert [t.shape for t in reply.modality_term] == [reply.backbone.shape, reply.task_rows.shape,

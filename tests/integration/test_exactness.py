@@ -77,7 +77,7 @@ def _config(tmp_path: Path) -> ServerConfig:
     return ServerConfig(
         num_server_rounds=ROUNDS, min_sites=3, min_sites_per_round=3, start_timeout_s=5, query_timeout_s=60,
         round_timeout_s=600, poll_interval_s=0.01, local_iterations=1, evaluate_every=0,
-        strategy="fedavg", weighting="samples", wire_dtype="float32", reply_codec="xor-zstd",
+        strategy="fedavg", server_optimizer="sgd", weighting="samples", wire_dtype="float32", reply_codec="xor-zstd",
         base_channels=8, task_slots=73, modality_slots=6, seed=5, keep_checkpoints=0,
         optimizer="sgd", lr=LR, weight_decay=0.0, warmup_epochs=0, total_epochs=10, iters_per_epoch=1,
         run_dir=str(tmp_path / "run"), **PLAN_SETTINGS,

@@ -45,6 +45,7 @@ def test_dashed_run_config_keys_and_client_keys_ignored():
         ({"min-sites": 0}, "min-sites"),
         ({"sites-per-round": 1, "min-sites-per-round": 2}, "exceeds sites-per-round"),
         ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"local-update": "gradient", "local-iterations": 5}, "gradient.*local-iterations 1 \\(got 5\\)"),
     ],
 )
 def test_bad_values_name_the_key(values, match):

@@ -489,3 +489,5 @@ def test_options_are_validated():
         StrategyOptions(weighting="cases")
     with pytest.raises(ValueError, match="reply-codec must be one of"):
         StrategyOptions(reply_codec="gzip")
+    with pytest.raises(ValueError, match="strategy fedavg \\(got 'fedprox'\\)"):
+        StrategyOptions(kind="fedprox", proximal_mu=0.1, local_update="gradient")

@@ -54,9 +54,11 @@ def test_centralized_quick(tmp_path: Path) -> None:
     train = [x for x in lines if x["phase"] == "train"]
     assert [(x["round"], x["site"]) for x in train] == [(1, "centralized"), (2, "centralized")]
     assert all(x["num-examples"] == 3 * 4 for x in train)  # both sites' batches together
-    evaluated = {x["site"] for x in lines if x["phase"] == "evaluate"}
-    assert evaluated == {"sarcoma-ct", "sarcoma-mr"}
+    evaluated = sorted((x["site"], x.get("weights", "ema")) for x in lines if x["phase"] == "evaluate")
+    assert evaluated == [("sarcoma-ct", "ema"), ("sarcoma-ct", "raw"), ("sarcoma-mr", "ema"), ("sarcoma-mr", "raw")]
     report = json.loads((run_dir / REPORT_JSON).read_text())
+    assert report["dice_raw_weights"]["round"] == 2 and set(report["dice_raw_weights"]["sites"]) == set(
+        report["dice"]["sites"])
     assert report["run"]["mode"] == "centralized" and report["run"]["batch_size"] == 4
     assert 0.0 <= report["dice"]["tasks"]["sarcoma/tumour"] <= 1.0
     loaded = load_checkpoint(run_dir / "final_model.pt")
@@ -70,12 +72,19 @@ def test_local_only_quick(tmp_path: Path) -> None:
     run_dir = tmp_path / "local"
     assert main(["run", "--local-only", "--sites", str(MR), "--run-dir", str(run_dir), *TINY]) == 0
     lines = read_metrics(run_dir)
-    assert [(x["round"], x["phase"]) for x in lines] == [(1, "train"), (2, "train"), (2, "evaluate")]
+    # the last round evaluates the EMA (the model the run hands over) and the raw weights
+    assert [(x["round"], x["phase"], x.get("weights")) for x in lines] == [
+        (1, "train", None), (2, "train", None), (2, "evaluate", None), (2, "evaluate", "raw")]
     assert all(x["site"] == "sarcoma-mr" and x["num-examples"] > 0 for x in lines)
+    report = json.loads((run_dir / REPORT_JSON).read_text())
+    assert report["dice_raw_weights"]["sites"]["sarcoma-mr"]["sarcoma/tumour"]["dice"] == pytest.approx(
+        lines[3]["dice/sarcoma/tumour"], abs=1e-6)
+    assert report["dice"]["sites"]["sarcoma-mr"]["sarcoma/tumour"]["dice"] == pytest.approx(
+        lines[2]["dice/sarcoma/tumour"], abs=1e-6)
     assert (run_dir / "models" / "sarcoma-mr.pt").is_file()
     # the site's own optimiser state carried over between rounds
     (state,) = (run_dir / "sites" / "sarcoma-mr" / "client_state").iterdir()  # one folder: this run's
-    assert len((state / "history.jsonl").read_text().splitlines()) == 3
+    assert len((state / "history.jsonl").read_text().splitlines()) == 4  # 2 trainings, 2 evaluations
     model = load_checkpoint(run_dir / "models" / "sarcoma-mr.pt")
     assert model.extra["mode"] == "local-only" and model.extra["plans"]["target_spacing"] == [3.0] * 3
     (sarcoma,) = model.extra["trained_tasks"].values()

@@ -23,6 +23,7 @@ def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["run", "--quick", "--run-dir", str(run_dir), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "sarcoma/tumour" in printed and "simulation overhead" in printed
+    assert "raw weights (not the EMA), round 2: sarcoma" in printed
 
     for name in (REPORT_CSV, REPORT_JSON, CURVES_PNG, FINAL_DICE_PNG, "final_model.pt", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
@@ -33,6 +34,8 @@ def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     dice = report["dice"]["tasks"]["sarcoma/tumour"]
     assert 0.0 <= dice <= 1.0
     assert set(report["dice"]["sites"]) == {"sarcoma-ct", "sarcoma-mr"}
+    raw = report["dice_raw_weights"]  # the last round also scored the raw weights, beside the EMA
+    assert raw["round"] == 2 and set(raw["sites"]) == {"sarcoma-ct", "sarcoma-mr"}
 
     lines = read_metrics(run_dir)
     train = [x for x in lines if x["phase"] == "train" and x["scope"] == "site"]

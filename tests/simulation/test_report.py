@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from simulation.compare import comparison_rows, format_comparison, load_runs, write_comparison
+from simulation.cli import main as hermes_sim
+from simulation.compare import ALL_TASKS, comparison_rows, dice_curves, format_comparison, load_runs, write_comparison
 from simulation.report import (
     CURVES_PNG,
     FINAL_DICE_PNG,
@@ -127,3 +128,40 @@ def test_compare_runs_side_by_side(tmp_path: Path) -> None:
     assert out.read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="neither"):
         load_runs([tmp_path])  # a folder without report or metrics
+
+
+def _evaluated_twice(scale: float) -> list[dict]:
+    """:func:`_lines` with a first evaluation in round 1 at half the Dice of round 2."""
+    lines = _lines(scale)
+    first = [{**x, "round": 1, **{k: v / 2 for k, v in x.items() if k.startswith("dice")}}
+             for x in lines if x["phase"] == "evaluate" and x.get("status") == "ok"]
+    return lines + first
+
+
+def test_compare_curves_line_up_runs_by_steps_per_site(tmp_path: Path) -> None:
+    fed = _write(tmp_path / "fed", _evaluated_twice(1.0))
+    write_run_report(fed, {"mode": "federated", "local_iterations": 20})
+    central = _write(tmp_path / "central", _evaluated_twice(0.5))
+    write_run_report(central, {"mode": "centralized", "local_iterations": 10})
+    panels, xlabel = dice_curves(load_runs([fed, central]))
+    assert xlabel == "optimiser steps per site"
+    assert list(panels) == [ALL_TASKS, "brats", "sarcoma"]
+    assert panels["sarcoma"]["federated:fed"] == [(20, pytest.approx(0.35)), (40, pytest.approx(0.7))]
+    assert panels["sarcoma"]["centralized:central"] == [(10, pytest.approx(0.175)), (20, pytest.approx(0.35))]
+    # overall = mean of the three tasks (0.7, 0.6, 0.2 at scale 1)
+    assert panels[ALL_TASKS]["federated:fed"][-1] == (40, pytest.approx(0.5))
+
+    unknown = _write(tmp_path / "old", _evaluated_twice(1.0))  # metrics only: its steps are unknown
+    panels, xlabel = dice_curves(load_runs([fed, unknown]))
+    assert xlabel == "round"
+    assert [x for x, _ in panels["sarcoma"]["federated:fed"]] == [1, 2]
+
+
+def test_hermes_sim_compare_writes_table_bars_and_curves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fed = _write(tmp_path / "fed", _evaluated_twice(1.0), mode="federated")
+    local = _write(tmp_path / "loc", _evaluated_twice(0.5), mode="local-only")
+    assert hermes_sim(["compare", str(fed), str(local), "--out", str(tmp_path / "bars.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "federated:fed" in printed and "local-only:loc" in printed
+    for name in ("bars.png", "compare_curves.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
