@@ -125,9 +125,11 @@ def test_two_rounds_of_three_real_sites(tmp_path: Path, shared_data: Path) -> No
     assert all(m["status"] == "ok" and m["num-examples"] == ITERATIONS and math.isfinite(m["loss"]) for m in train)
     summary = [m for m in lines if m["phase"] == "train" and m["scope"] == "aggregate"]
     assert [(m["round"], m["valid-replies"], m["dropped-replies"]) for m in summary] == [(1, 3, 0), (2, 3, 0)]
-    evaluated = [m for m in lines if m["phase"] == "evaluate" and m["scope"] == "site"]
+    evaluated = [m for m in lines if m["phase"] == "evaluate" and m["scope"] == "site" and "weights" not in m]
     assert sorted((m["round"], m["site"]) for m in evaluated) == [(2, name) for name in sorted(bank.sites)]
-    (aggregate,) = [m for m in lines if m["phase"] == "evaluate" and m["scope"] == "aggregate"]
+    raw = [m for m in lines if m["phase"] == "evaluate" and m["scope"] == "site" and m.get("weights") == "raw"]
+    assert sorted((m["round"], m["site"]) for m in raw) == [(2, name) for name in sorted(bank.sites)]  # last round
+    (aggregate,) = [m for m in lines if m["phase"] == "evaluate" and m["scope"] == "aggregate" and "weights" not in m]
     dice = {k: v for k, v in aggregate.items() if k.startswith("dice/")}
     assert {"dice/sts_ct/tumour", "dice/sts_mr/tumour"} <= set(dice)
     assert any(k.startswith("dice/brats2013/") for k in dice)
