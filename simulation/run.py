@@ -163,7 +163,7 @@ class SimOptions:
 
 def default_evaluate_every(rounds: int, evaluations: int = DEFAULT_EVALUATIONS) -> int:
     """Evaluate every this many rounds: about ``evaluations`` times in a run of six rounds or more (a curve
-    of whole-scan Dice; the demo: rounds 3, 6, 9, 12 and 15), else in the last round only."""
+    of whole-scan Dice; the demo: rounds 12, 24, 36, 48 and 60), else in the last round only."""
     return max(1, rounds // evaluations) if rounds >= 6 else rounds
 
 
@@ -459,7 +459,7 @@ def describe(result: SimResult) -> str:
 
 def _raw_line(raw: DiceReport) -> list[str]:
     """The raw weights' Dice beside the report of the EMA (none when the run did not evaluate them)."""
-    if raw.server_round is None:
+    if raw.server_round is None or raw.overall is None:
         return []
     datasets = ", ".join(f"{k} {v:.3f}" for k, v in raw.datasets.items())
     return [f"raw weights (not the EMA), round {raw.server_round}: {datasets}, all tasks {raw.overall:.3f}"]
