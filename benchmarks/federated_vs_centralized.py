@@ -4,9 +4,10 @@
     python benchmarks/federated_vs_centralized.py --seeds 0 1 2      # the grid (hours on a CPU)
     python benchmarks/federated_vs_centralized.py --modes fedavg nesterov-k20 centralized --seeds 0
 
-Every arm runs through ``hermes-sim`` (``simulation.run.run_mode``) with the demo's settings, so all three
-draw the same patches per site and round (``client.dataset.round_sampling_seed``) for the same number of
-samples. Each run is scored twice, both times on whole scans at their native geometry through the code of
+Every arm runs through ``hermes-sim`` (``simulation.run.run_mode``) with the demo's settings and the same
+number of samples per site, drawn by one plan (``client.dataset.round_sampling_seed``); arms with the same
+rounds draw the same patches: ``centralized`` and ``local-only`` those of the default mode, their ``-k20``
+twins those of FedAvg and the other 20-step modes. Each run is scored twice, both times on whole scans at their native geometry through the code of
 ``hermes-predict`` and ``hermes-evaluate``: on the sites' validation cases (the run's own report) and on a
 test split of sarcoma patients that no site trains or validates on (:data:`TEST_PATIENTS` from
 ``../shared/data/ibsi_sts``, CT, MR-T1 and PET; each modality's scans are segmented by the model a user of
@@ -48,7 +49,7 @@ from client.preprocess import read_image  # noqa: E402
 from hermes_model import load_checkpoint  # noqa: E402
 from hermes_model.exchange import StateLayout  # noqa: E402
 from simulation.report import DiceReport, load_report  # noqa: E402
-from simulation.run import SimOptions, default_evaluate_every, run_mode  # noqa: E402
+from simulation.run import DEFAULT_LOCAL_ITERATIONS, SimOptions, default_evaluate_every, run_mode  # noqa: E402
 
 SHARED_STS = REPO.parent / "shared" / "data" / "ibsi_sts"
 TEST_PATIENTS = tuple(f"STS_{i:03d}" for i in range(31, 37))  # the demo's sites use STS_001-023
@@ -72,10 +73,14 @@ class Mode:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-STEPS = 20  # local steps per round of FedAvg and the baselines (the demo's before nesterov-k5 became its default)
+STEPS = 20  # local steps per round of FedAvg (the demo's before nesterov-k5 became its default)
+# The baselines take the default mode's rounds, so they draw its very patches; their "-k20" twins draw
+# FedAvg's (a round's patches are drawn for its steps: the same plan and number, other patches).
 MODES = {
-    "centralized": Mode("centralized", {"local_iterations": STEPS}),
-    "local-only": Mode("local-only", {"local_iterations": STEPS}),
+    "centralized": Mode("centralized", {"local_iterations": DEFAULT_LOCAL_ITERATIONS}),
+    "local-only": Mode("local-only", {"local_iterations": DEFAULT_LOCAL_ITERATIONS}),
+    "centralized-k20": Mode("centralized", {"local_iterations": STEPS}),
+    "local-only-k20": Mode("local-only", {"local_iterations": STEPS}),
     "fedavg": Mode("federated", {"server_optimizer": "sgd", "local_iterations": STEPS}),  # the old default
     "nesterov-k5": Mode("federated", {"server_optimizer": "nesterov", "local_iterations": 5}),
     "nesterov-k10": Mode("federated", {"server_optimizer": "nesterov", "local_iterations": 10}),
@@ -171,10 +176,16 @@ def _bytes_moved(opts: SimOptions, mode: Mode) -> int | None:
     return len(opts.sites) * backbone * (opts.rounds * (1 + up) + evaluations)
 
 
-def run_arm(name: str, seed: int, work: Path, quick: bool, rounds: int | None, patients: tuple[str, ...]) -> list[dict]:
+def run_arm(name: str, seed: int, work: Path, quick: bool, rounds: int | None, patients: tuple[str, ...],
+            score_only: bool = False) -> list[dict]:
+    """The arm's validation and test rows; the arm is trained first unless ``work`` holds it finished (then
+    with ``score_only`` an unfinished arm gives no rows)."""
     mode = MODES[name]
     opts = _sim_options(mode, seed, work / f"{name}-seed{seed}", quick, rounds)
     finished = _finished_run(opts)
+    if finished is None and score_only:
+        print(f"{name} seed {seed}: not finished in {work}, left out", file=sys.stderr)
+        return []
     if finished is None:
         if opts.run_dir.exists():  # a run stopped part-way: start the arm over, keep what it left aside
             opts.run_dir.rename(opts.run_dir.with_name(f"{opts.run_dir.name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -231,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep the runs here; an arm already finished there is scored, not run again "
                         "(default: a temp folder)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="train nothing: report the arms already finished in --work-dir, leave out the rest")
     args = parser.parse_args(argv)
+    if args.score_only and args.work_dir is None:
+        parser.error("--score-only needs --work-dir (the folder holding the finished arms)")
     logging.basicConfig(level=logging.WARNING)
     if not SHARED_STS.is_dir():
         print(f"the test patients live in {SHARED_STS}: not found", file=sys.stderr)
@@ -242,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or Path(tmp)
         (work / "predictions").mkdir(parents=True, exist_ok=True)
         runs = [row for seed in args.seeds for name in modes
-                for row in run_arm(name, seed, work, args.quick, args.rounds, patients)]
-        exact = None if args.no_exactness else exactness(work, args.quick)
+                for row in run_arm(name, seed, work, args.quick, args.rounds, patients, args.score_only)]
+        exact = None if args.no_exactness or args.score_only else exactness(work, args.quick)
     print(json.dumps({"runs": runs, "exact_max_rel_diff": exact, "mean_over_seeds": seed_means(runs),
                       "test_patients": list(patients), "default_mode": DEFAULT_MODE}, indent=1))
     return 0

@@ -145,6 +145,18 @@ def append_metrics(run_dir: Path, lines: Sequence[Mapping[str, Any]]) -> None:
             f.write(json.dumps(line, sort_keys=True) + "\n")
 
 
+def _evaluation_lines(fed: Federation, server_round: int, name: str, handed_over: nn.Module,
+                      raw: nn.Module) -> list[dict[str, Any]]:
+    """Site ``name``'s evaluation lines of ``server_round``: the weights handed over (EMA or raw, as the config
+    says) where the round evaluates, and the raw weights too, tagged, where the config also scores them."""
+    site, lines = fed.sites[name], []
+    if fed.config.evaluates(server_round):
+        metrics = site.evaluate(fed.request(name, handed_over, server_round))
+        lines.append(_line(server_round, "evaluate", name, metrics))
+    if fed.config.evaluates_raw(server_round):
+        metrics = site.evaluate(fed.request(name, raw, server_round))
+        lines.append({**_line(server_round, "evaluate", name, metrics), WEIGHTS_FIELD: RAW_WEIGHTS})
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- local only
@@ -169,13 +181,8 @@ def run_local_only(fed: Federation, run_dir: str | os.PathLike) -> dict[str, flo
             _load_reply(model, request, reply)
             ema.update(GlobalState.from_state_dict(layout, model.state_dict()), (server_round - 1) * steps, steps)
             handed_over = ema.state.in_copy_of(layout, model) if fed.config.evaluate_ema else model
-            lines = [_line(server_round, "train", name, reply.metrics)]
-            if fed.config.evaluates(server_round):
-                metrics = site.evaluate(fed.request(name, handed_over, server_round))
-                lines.append(_line(server_round, "evaluate", name, metrics))
-            if fed.config.evaluates_raw(server_round):
-                metrics = site.evaluate(fed.request(name, model, server_round))
-                lines.append({**_line(server_round, "evaluate", name, metrics), WEIGHTS_FIELD: RAW_WEIGHTS})
+            lines = [_line(server_round, "train", name, reply.metrics),
+                     *_evaluation_lines(fed, server_round, name, handed_over, model)]
             append_metrics(run_dir, lines)
             logger.info("local-only %s: round %d/%d done", name, server_round, fed.config.num_server_rounds)
         own = fed.ownership[name]
@@ -248,15 +255,10 @@ def run_centralized(
         seconds += took
         task_samples.update(result.task_samples)
         metrics = {NUM_EXAMPLES: result.samples, **result.metrics(), "train-time-s": took}
+        handed_over = engine.ema.module if fed.config.evaluate_ema else engine.model
         lines = [_line(server_round, "train", CENTRALIZED_SITE, metrics)]
-        if fed.config.evaluates(server_round):
-            evaluated = engine.ema.module if fed.config.evaluate_ema else engine.model
-            lines += [_line(server_round, "evaluate", name, fed.sites[name].evaluate(
-                fed.request(name, evaluated, server_round))) for name in sorted(fed.sites)]
-        if fed.config.evaluates_raw(server_round):
-            lines += [{**_line(server_round, "evaluate", name, fed.sites[name].evaluate(
-                fed.request(name, engine.model, server_round))), WEIGHTS_FIELD: RAW_WEIGHTS}
-                for name in sorted(fed.sites)]
+        for name in sorted(fed.sites):
+            lines += _evaluation_lines(fed, server_round, name, handed_over, engine.model)
         append_metrics(run_dir, lines)
         logger.info("centralized: round %d/%d done (%.1f s)", server_round, fed.config.num_server_rounds,
                     took)

@@ -10,17 +10,25 @@ fit in 107 bytes (AF_UNIX).
 ITK's DICOM writer (SimpleITK with GDCM, used by tests that write DICOM series) sets the C locale of the
 process to ``C`` and leaves it so; every later ``subprocess`` call with ``text=True`` would then decode the
 output of Flower's commands as ASCII and fail on its first non-ASCII character.
+
+The two pytest-xdist workers (and the Flower processes the tests start) share the cores. OpenMP threads that
+spin while they wait for work then take the cores from the other process: a training step of the demo model
+took 24 s instead of 1 s on 2 cores beside one other training process. Passive waiting (set before torch is
+imported, inherited by the workers and every process they start) gives it back; a user's own setting wins.
 """
 
 from __future__ import annotations
 
 import locale
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RAY_TMPDIR_ENV = "RAY_TMPDIR"
 SESSION_LOCALE = locale.setlocale(locale.LC_ALL)  # the locale the session started with (all categories)

@@ -1,6 +1,6 @@
 """The bookkeeping of ``benchmarks/federated_vs_centralized.py`` (no training): every arm gets the demo's
 samples per site and the same evaluation points, a stopped grid goes on from the runs it finished, and the
-seed means are the means of the rows."""
+seed means are the means of the rows; a score-only call trains nothing."""
 
 from __future__ import annotations
 
@@ -56,3 +56,22 @@ def test_seed_means(grid) -> None:
     (mean,) = grid.seed_means(rows)
     assert mean == {"mode": "fedavg", "split": "test", "seeds": [0, 1], "sarcoma": pytest.approx(0.3),
                     "brats": None, "all": pytest.approx(0.3), "wall_s": 200.0}
+
+
+def test_score_only_leaves_an_unfinished_arm_out_without_training_it(grid, tmp_path, capsys) -> None:
+    rows = grid.run_arm("fedavg", 0, tmp_path, quick=True, rounds=None, patients=grid.QUICK_TEST_PATIENTS,
+                        score_only=True)
+    assert rows == [] and not (tmp_path / "fedavg-seed0").exists()
+    assert "fedavg seed 0: not finished" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.main(["--score-only"])  # nowhere to find finished arms
+
+
+def test_the_baselines_draw_the_default_modes_patches_and_their_k20_twins_fedavgs(grid, tmp_path) -> None:
+    def schedule(mode: str) -> tuple[int, int]:
+        opts = grid._sim_options(grid.MODES[mode], 0, tmp_path, quick=False, rounds=None)
+        return opts.rounds, opts.local_iterations
+
+    assert schedule("centralized") == schedule("local-only") == schedule(grid.DEFAULT_MODE) == (
+        DEFAULT_ROUNDS, DEFAULT_LOCAL_ITERATIONS)
+    assert schedule("centralized-k20") == schedule("local-only-k20") == schedule("fedavg") == schedule("adam")
