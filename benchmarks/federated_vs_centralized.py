@@ -7,11 +7,12 @@
 Every arm runs through ``hermes-sim`` (``simulation.run.run_mode``) with the demo's settings and the same
 number of samples per site, drawn by one plan (``client.dataset.round_sampling_seed``); arms with the same
 rounds draw the same patches: ``centralized`` and ``local-only`` those of the default mode, their ``-k20``
-twins those of FedAvg and the other 20-step modes. Each run is scored twice, both times on whole scans at their native geometry through the code of
-``hermes-predict`` and ``hermes-evaluate``: on the sites' validation cases (the run's own report) and on a
-test split of sarcoma patients that no site trains or validates on (:data:`TEST_PATIENTS` from
-``../shared/data/ibsi_sts``, CT, MR-T1 and PET; each modality's scans are segmented by the model a user of
-that site would get: the federated or centralized ``final_model.pt``, or the site's own local-only model).
+twins those of FedAvg and the other 20-step modes. Each run is scored twice, both times on whole scans at
+their native geometry through the code of ``hermes-predict`` and ``hermes-evaluate``: on the sites' validation
+cases (the run's own report) and on a test split of sarcoma patients that no site trains or validates on
+(:data:`TEST_PATIENTS` from ``../shared/data/ibsi_sts``, CT, MR-T1 and PET; each modality's scans are
+segmented by the model a user of that site would get: the federated or centralized ``final_model.pt``, or the
+site's own local-only model).
 
 ``exact_max_rel_diff``: the federation with one-batch gradients and the server's LAMB (``gradient-k1``)
 against centralized training, both with one local step per round: the largest relative difference of any
