@@ -67,6 +67,8 @@ DEFAULT_PATCH = (32, 32, 32)  # (the recipe: 128)
 DEMO_TRAIN_MARGIN = 8
 DEMO_INTERPOLATION = "linear"
 QUICK_ROUNDS = 2
+# how the federation trains (SimOptions and ServerConfig fields): a federated run's report records them
+FEDERATION_SETTINGS = ("strategy", "proximal_mu", "server_optimizer", "server_lr", "local_update", "keep_local_state")
 DEFAULT_EVALUATIONS = 5  # validation points of a run's Dice curve
 QUICK_LOCAL_ITERATIONS = 10
 
@@ -345,6 +347,8 @@ def _summary(mode: str, opts: SimOptions, config: ServerConfig, staged: Sequence
         parallel = int((extra or {}).get("parallel_sites", 1))
         summary["busy_time_s"] = round(busy_seconds(lines, parallel), 2)
         summary["overhead_fraction_idle"] = round((wall - summary["busy_time_s"]) / wall, 4)
+    if mode == "federated":
+        summary.update({k: getattr(config, k) for k in FEDERATION_SETTINGS})
     summary.update(extra or {})
     return summary
 
@@ -430,9 +434,8 @@ def run_mode(mode: str, opts: SimOptions) -> SimResult:
     }
     if mode not in runners:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    aggregation = ("strategy", "proximal_mu", "server_optimizer", "server_lr", "local_update", "keep_local_state")
     defaults = SimOptions(sites=opts.sites)
-    if mode != "federated" and any(getattr(opts, k) != getattr(defaults, k) for k in aggregation):
+    if mode != "federated" and any(getattr(opts, k) != getattr(defaults, k) for k in FEDERATION_SETTINGS):
         raise ValueError(f"--strategy, --proximal-mu, --server-optimizer, --server-lr, --local-update and "
                          f"--reset-local-state set the federation's training: federated runs only, not {mode}")
     return runners[mode](opts)

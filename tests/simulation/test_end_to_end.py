@@ -31,6 +31,7 @@ def test_quick_federated_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                                                                                    "round_0002.pt"]
     report = json.loads((run_dir / REPORT_JSON).read_text())
     assert report["run"]["mode"] == "federated" and report["run"]["sites"] == ["sarcoma-ct", "sarcoma-mr"]
+    assert report["run"]["server_optimizer"] == "nesterov" and report["run"]["keep_local_state"]  # the defaults
     dice = report["dice"]["tasks"]["sarcoma/tumour"]
     assert 0.0 <= dice <= 1.0
     assert set(report["dice"]["sites"]) == {"sarcoma-ct", "sarcoma-mr"}
