@@ -179,8 +179,8 @@ def _bytes_moved(opts: SimOptions, mode: Mode) -> int | None:
 
 def run_arm(name: str, seed: int, work: Path, quick: bool, rounds: int | None, patients: tuple[str, ...],
             score_only: bool = False) -> list[dict]:
-    """The arm's validation and test rows; the arm is trained first unless ``work`` holds it finished (then
-    with ``score_only`` an unfinished arm gives no rows)."""
+    """The arm's validation and test rows. An arm not finished in ``work`` is trained first, or with
+    ``score_only`` left out (no rows)."""
     mode = MODES[name]
     opts = _sim_options(mode, seed, work / f"{name}-seed{seed}", quick, rounds)
     finished = _finished_run(opts)
